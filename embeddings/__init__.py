@@ -1,0 +1,1 @@
+"""Fine-tune an embedding model on your own documents and measure it against the base."""

@@ -1,0 +1,1 @@
+"""Retrieval QA over your documents with the tuned embedder and LLM."""
