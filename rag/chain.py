@@ -1,0 +1,134 @@
+"""The RetrievalQA behaviour as an LCEL chain (RetrievalQA itself is deprecated, in langchain-classic).
+
+    chain = build_chain(retriever, llm, tokenizer, max_prompt_tokens=2048)
+    chain.invoke({"query": "What was the CET1 ratio?"})
+    # -> {"query": ..., "result": "11.4%", "source_documents": [Document, ...]}
+
+retrieve the passages -> fit them into the LLM's chat-templated prompt (lowest-ranked dropped first
+when the context window is short; the question is never cut) -> generate. `source_documents` are the
+passages the LLM actually saw. `chain.stream(...)` yields the same keys, the answer token by token.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from operator import itemgetter
+from typing import Any
+
+from llm_finetune.common import TuneragError
+
+logger = logging.getLogger(__name__)
+
+INSTRUCTIONS = (
+    "You answer questions about the user's documents. Use only the numbered passages given with the "
+    "question, and quote figures exactly as they are written there. If the passages do not contain the "
+    "answer, say that you don't know; do not guess."
+)
+
+
+def user_message(passages: list[Any], question: str) -> str:
+    context = "\n\n".join(f"[{i}] {doc.page_content.strip()}" for i, doc in enumerate(passages, 1)) or "(no passages)"
+    return f"Passages:\n{context}\n\nQuestion: {question.strip()}"
+
+
+def render_prompt(tokenizer, passages: list[Any], question: str) -> str:
+    """The prompt text through the LLM's own chat template (the one llm_finetune trained with).
+
+    A template without a system role (Mistral-7B-Instruct v0.1 raises on one) gets the instructions
+    at the top of the user turn instead; a tokenizer with no template gets a plain-text prompt."""
+    user = user_message(passages, question)
+    if not getattr(tokenizer, "chat_template", None):
+        return f"{INSTRUCTIONS}\n\n{user}\nAnswer:"
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": user}],
+            tokenize=False, add_generation_prompt=True)
+    except TemplateError:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"{INSTRUCTIONS}\n\n{user}"}], tokenize=False, add_generation_prompt=True)
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    # The rendered template already holds its special tokens (e.g. <s>), as the pipeline sees it.
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def fit_prompt(tokenizer, passages: list[Any], question: str, max_prompt_tokens: int) -> tuple[str, list[Any]]:
+    """(prompt, the passages in it): as many of the best-ranked passages as fit in `max_prompt_tokens`."""
+    for n in range(len(passages), -1, -1):
+        prompt = render_prompt(tokenizer, passages[:n], question)
+        size = count_tokens(tokenizer, prompt)
+        if size <= max_prompt_tokens:
+            if n < len(passages):
+                logger.info("note: %d of %d passages dropped to fit the LLM's context (%d prompt tokens at most)",
+                            len(passages) - n, len(passages), max_prompt_tokens)
+            return prompt, passages[:n]
+    raise TuneragError(f"the question alone needs {size} prompt tokens, more than the {max_prompt_tokens} this LLM "
+                       "has room for; ask a shorter question or lower --max-new-tokens")
+
+
+def build_prompt_step(retriever, tokenizer, max_prompt_tokens: int):
+    """{"query"} -> {"query", "prompt", "source_documents"}: retrieval plus prompt fitting."""
+    from langchain_core.runnables import RunnableLambda, RunnablePassthrough
+
+    def fit(inputs: dict) -> dict:
+        prompt, kept = fit_prompt(tokenizer, inputs["source_documents"], inputs["query"], max_prompt_tokens)
+        return {"query": inputs["query"], "prompt": prompt, "source_documents": kept}
+
+    return RunnablePassthrough.assign(source_documents=itemgetter("query") | retriever) | RunnableLambda(fit, name="fit_prompt")
+
+
+def build_chain(retriever, llm, tokenizer, max_prompt_tokens: int = 2048):
+    """The chain described in the module docstring; `retriever` maps a question to Documents and
+    `llm` is any LangChain LLM that maps a prompt string to text."""
+    from langchain_core.output_parsers import StrOutputParser
+    from langchain_core.runnables import RunnablePassthrough
+
+    generate = RunnablePassthrough.assign(result=itemgetter("prompt") | llm | StrOutputParser())
+    return (build_prompt_step(retriever, tokenizer, max_prompt_tokens) | generate).pick(
+        ["query", "result", "source_documents"])
+
+
+# ---- the local LLM ----
+
+def context_window(model, tokenizer) -> int:
+    sizes = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    sizes = [s for s in sizes if isinstance(s, int) and 0 < s < 1_000_000]
+    return min(sizes) if sizes else 2048
+
+
+class StopFlag:
+    """Ends generation at the next token once set: Ctrl-C in the session stops the answer, and the
+    generation thread that HuggingFacePipeline.stream starts does not run on to --max-new-tokens.
+
+    It is a logits processor (forcing end-of-sequence) because the pipeline keeps construction-time
+    logits processors on every call, while `stream` replaces any stopping criteria it is given."""
+
+    def __init__(self, eos_token_id: int):
+        self.event = threading.Event()
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, input_ids, scores):
+        if self.event.is_set():
+            scores[:, :] = float("-inf")
+            scores[:, self.eos_token_id] = 0.0
+        return scores
+
+
+def make_llm(model, tokenizer, *, max_new_tokens: int = 256, temperature: float = 0.0):
+    """(HuggingFacePipeline over a text-generation pipeline that returns only the new text, its StopFlag)."""
+    from langchain_huggingface import HuggingFacePipeline
+    from transformers import LogitsProcessorList, pipeline
+
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    stop = StopFlag(eos)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    generator = pipeline(
+        "text-generation", model=model, tokenizer=tokenizer, return_full_text=False, max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+        logits_processor=LogitsProcessorList([stop]), **sampling)
+    return HuggingFacePipeline(pipeline=generator), stop

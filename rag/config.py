@@ -1,0 +1,59 @@
+"""The flags of `python -m rag.cli`: one dataclass, each field is a flag (see llm_finetune.common)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from embeddings.models import MINILM
+from llm_finetune.models import SMOLLM2
+
+
+@dataclass
+class RagConfig:
+    """python -m rag.cli --file doc.txt [-q "question"]: answer questions about your documents from a
+    persistent Chroma index, with the embedded MiniLM + SmolLM2 or your tuned models. Without -q or
+    --questions it opens an interactive session (/sources, /quit, Ctrl-D; Ctrl-C stops an answer)."""
+
+    file: list[Path] = field(metadata={"help": "A .txt, .md or .pdf document (or a folder of them); repeat the flag for more.",
+                                       "metavar": "PATH"})
+    question: str | None = field(default=None, metadata={"help": "Answer this one question and exit.", "aliases": ["-q"]})
+    questions: Path | None = field(default=None, metadata={
+        "help": "Answer every line of this file (one question a line); prints one JSON object a line.", "metavar": "FILE"})
+    retrieve_only: bool = field(default=False, metadata={"help": "Return the retrieved passages only; the LLM is not loaded."})
+    embeddings: str = field(default=MINILM, metadata={
+        "help": f"Embedder: '{MINILM}' (embedded all-MiniLM-L6-v2), a folder from embeddings.finetune, or a hub id."})
+    llm: str = field(default=SMOLLM2, metadata={
+        "help": f"LLM: '{SMOLLM2}' (embedded SmolLM2-135M-Instruct), a folder from llm_finetune.merge, or a hub id."})
+    k: int = field(default=4, metadata={"help": "Passages retrieved per question (fewer reach the LLM if they overflow its context)."})
+    chunk_size: int = field(default=512, metadata={
+        "help": "Chunk size in tokens of the embedder; capped at what the embedder reads (256 for MiniLM)."})
+    chunk_overlap: int = field(default=50, metadata={"help": "Tokens shared by neighbouring chunks."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest answer, in LLM tokens."})
+    temperature: float = field(default=0.0, metadata={"help": "0 decodes greedily (deterministic); above 0 samples."})
+    persist_dir: Path = field(default=Path("chroma_db"), metadata={"help": "Folder of the Chroma index (created if missing)."})
+    reindex: bool = field(default=False, metadata={"help": "Rebuild this collection from scratch."})
+    json: bool = field(default=False, metadata={
+        "help": 'Print {"query", "result", "source_documents": [{"text", "source", "chunk", "score"}]}; '
+                "score is the cosine similarity of passage and question."})
+    timings: bool = field(default=False, metadata={
+        "help": "Print load, index, retrieve, first-token and total seconds to stderr."})
+    seed: int = field(default=0, metadata={"help": "Seed for sampling when --temperature > 0."})
+
+    def __post_init__(self):
+        self.file = [Path(p) for p in self.file]
+        if not self.file:
+            raise ValueError("give at least one --file")
+        if self.question is not None and self.questions is not None:
+            raise ValueError("pass either --question or --questions, not both")
+        if self.k < 1:
+            raise ValueError(f"--k must be at least 1 (got {self.k})")
+        if self.chunk_size < 8:
+            raise ValueError(f"--chunk-size must be at least 8 tokens (got {self.chunk_size})")
+        if not 0 <= self.chunk_overlap < self.chunk_size:
+            raise ValueError(f"--chunk-overlap ({self.chunk_overlap}) must be >= 0 and < --chunk-size ({self.chunk_size})")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0 (got {self.temperature})")
+        self.persist_dir = Path(self.persist_dir)

@@ -1,0 +1,245 @@
+"""The durable Chroma index behind `rag.cli`: documents -> token-sized chunks -> vectors on disk.
+
+- Chunk ids are `<sha256 of the file's text>:<chunk position>`, so indexing the same file again finds
+  its vectors already stored and embeds nothing; a changed file gets new ids and its old ones go.
+- The collection name is derived from the embedder's identity and the chunk settings, so two
+  embedders (or two chunkings) never share vectors.
+- The store folder carries a marker file; a folder without it (someone else's files, another tool's
+  Chroma store) is refused rather than written into.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from embeddings.documents import find_documents, read_document
+from llm_finetune.common import TuneragError
+
+logger = logging.getLogger(__name__)
+
+STORE_MARKER = "tunerag-store.json"
+EMBED_BATCH = 32  # chunks per add: small enough for a live chunks/s progress bar
+
+
+class StoreError(TuneragError):
+    """A --persist-dir that is not a usable tunerag index."""
+
+
+@dataclass
+class IndexReport:
+    collection: str
+    files: int
+    chunks: int
+    embedded: int
+    reused: int
+    removed: int
+    seconds: float
+
+
+# ---- documents and chunks (pure apart from reading the files) ----
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def load_documents(paths: list[Path]) -> list[Any]:
+    """One LangChain `Document` per file (txt/md/pdf, folders walked), with source and content hash."""
+    from langchain_core.documents import Document
+
+    docs = []
+    for path in find_documents(paths):
+        text = read_document(path)
+        docs.append(Document(page_content=text, metadata={"source": str(path.resolve()), "sha256": text_sha256(text)}))
+    return docs
+
+
+def capped_chunk_size(requested: int, embedder_max_tokens: int | None) -> int:
+    """The chunk size actually used: the embedder truncates anything longer, so cap it (with a note)."""
+    if embedder_max_tokens and requested > embedder_max_tokens:
+        logger.info("note: --chunk-size %d capped at %d tokens, the most this embedder reads", requested, embedder_max_tokens)
+        return embedder_max_tokens
+    return requested
+
+
+def make_splitter(tokenizer, chunk_size: int, chunk_overlap: int):
+    """A splitter that measures chunks in the embedder's own tokens but cuts at paragraph, line and
+    word boundaries, so chunk text stays the original text (a token-window splitter decodes ids
+    back, which lowercases everything for an uncased WordPiece model such as MiniLM)."""
+    from langchain_text_splitters import RecursiveCharacterTextSplitter
+
+    return RecursiveCharacterTextSplitter.from_huggingface_tokenizer(
+        tokenizer, chunk_size=chunk_size, chunk_overlap=min(chunk_overlap, chunk_size - 1), add_start_index=True
+    )
+
+
+def split_document(doc, splitter) -> tuple[list[Any], list[str]]:
+    """The chunks of one document, numbered, and their durable ids."""
+    chunks = splitter.split_documents([doc])
+    for position, chunk in enumerate(chunks):
+        chunk.metadata["chunk"] = position
+    sha = doc.metadata["sha256"]
+    return chunks, [f"{sha}:{position}" for position in range(len(chunks))]
+
+
+# ---- naming ----
+
+def embedder_identity(resolved: str) -> str:
+    """What makes two embedders the same: a hub id as is; for a folder, its path and the name,
+    size and modification time of every file in it (a re-trained model in the same folder differs)."""
+    folder = Path(resolved)
+    if not folder.is_dir():
+        return resolved
+    files = sorted(
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
+    )
+    return json.dumps({"path": str(folder.resolve()), "files": files})
+
+
+def collection_name(embedder_spec: str, identity: str, chunk_size: int, chunk_overlap: int) -> str:
+    """A Chroma collection name (3-63 chars of [a-zA-Z0-9._-], alphanumeric at both ends)."""
+    digest = hashlib.sha256(f"{identity}|{chunk_size}|{chunk_overlap}".encode()).hexdigest()[:12]
+    slug = re.sub(r"[^a-zA-Z0-9]+", "-", Path(embedder_spec.rstrip("/")).name or "embedder").strip("-")[:24] or "embedder"
+    return f"{slug}-c{chunk_size}o{chunk_overlap}-{digest}"
+
+
+# ---- the store ----
+
+def _write_marker(folder: Path) -> None:
+    from importlib.metadata import version
+
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"tunerag_store": 1, "chromadb": version("chromadb")}, f)
+    os.replace(tmp, folder / STORE_MARKER)
+
+
+def open_client(persist_dir: Path):
+    """A chromadb PersistentClient on `persist_dir`, created if missing; refuses foreign folders."""
+    folder = Path(persist_dir)
+    if folder.exists() and not folder.is_dir():
+        raise StoreError(f"--persist-dir {str(folder)!r} is a file, not a folder; pass a folder for the index")
+    if folder.is_dir() and not (folder / STORE_MARKER).is_file():
+        if (folder / "chroma.sqlite3").exists():
+            raise StoreError(f"{str(folder)!r} holds a Chroma store that tunerag did not create; "
+                             "pass another --persist-dir (tunerag will not write into it)")
+        if any(not p.name.startswith(".") for p in folder.iterdir()):
+            raise StoreError(f"{str(folder)!r} is not a tunerag index (it holds other files); "
+                             "pass an empty or new folder as --persist-dir")
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / STORE_MARKER).is_file():
+        _write_marker(folder)
+    import chromadb
+    from chromadb.config import Settings
+
+    try:
+        client = chromadb.PersistentClient(path=str(folder), settings=Settings(anonymized_telemetry=False))
+        client.list_collections()  # a damaged database fails here, not half-way through indexing
+    except Exception as e:  # chromadb raises many types (sqlite, Rust bindings); all mean the same here
+        raise StoreError(f"the index in {str(folder)!r} cannot be opened ({_first_line(e)}); "
+                         "delete that folder to rebuild it, or pass another --persist-dir") from None
+    return client
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0][:200] if text else type(e).__name__)
+
+
+def load_embeddings(spec: str):
+    """(HuggingFaceEmbeddings over our resolved embedder, normalized so cosine = dot, its resolved path)."""
+    from langchain_huggingface import HuggingFaceEmbeddings
+
+    from embeddings.models import EMBEDDER_INSTEAD, resolve_embedder
+
+    resolved = resolve_embedder(spec)
+    try:
+        embeddings = HuggingFaceEmbeddings(model_name=resolved, encode_kwargs={"normalize_embeddings": True})
+    except (OSError, ValueError, KeyError) as e:
+        raise TuneragError(f"embedder {spec!r} could not be loaded ({_first_line(e)}); pass {EMBEDDER_INSTEAD}") from None
+    return embeddings, resolved
+
+
+def embedder_max_tokens(embeddings) -> int | None:
+    """Most tokens the embedder reads per text, minus the [CLS]/[SEP] it adds itself."""
+    model = embeddings._client  # the SentenceTransformer that HuggingFaceEmbeddings wraps
+    special = model.tokenizer.num_special_tokens_to_add() if hasattr(model.tokenizer, "num_special_tokens_to_add") else 2
+    return model.max_seq_length - special if model.max_seq_length else None
+
+
+def open_store(client, name: str, embeddings, metadata: dict[str, Any] | None = None, persist_dir: Path | None = None):
+    """The langchain-chroma store for one collection, cosine distance (scores = 1 - distance)."""
+    from langchain_chroma import Chroma
+
+    try:
+        return Chroma(collection_name=name, embedding_function=embeddings, client=client,
+                      collection_metadata=metadata or None, collection_configuration={"hnsw": {"space": "cosine"}})
+    except Exception as e:
+        raise StoreError(f"collection {name!r} in {str(persist_dir)!r} cannot be opened ({_first_line(e)}); "
+                         "delete that folder to rebuild it") from None
+
+
+def sync_index(store, docs: list[Any], splitter, *, reindex: bool = False, show_progress: bool | None = None) -> IndexReport:
+    """Bring the collection up to date with `docs`: embed only chunks whose ids are not stored yet,
+    and drop the chunks of an earlier version of each file. Returns counts for the caller to report."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    if reindex:
+        store.reset_collection()
+        logger.info("--reindex: collection %s emptied", store._collection.name)
+    collection = store._collection  # the raw chromadb collection: id lookups without embedding anything
+    todo: list[tuple[Any, str]] = []
+    total = reused = removed = 0
+    for doc in docs:
+        chunks, ids = split_document(doc, splitter)
+        total += len(chunks)
+        source, sha = doc.metadata["source"], doc.metadata["sha256"]
+        stale = [i for i in collection.get(where={"source": source}, include=[])["ids"] if not i.startswith(f"{sha}:")]
+        if stale:
+            collection.delete(ids=stale)
+            removed += len(stale)
+            logger.info("%s changed since it was indexed: removed its %d old chunks", source, len(stale))
+        stored = set(collection.get(ids=ids, include=[])["ids"])
+        reused += len(stored)
+        todo += [(chunk, i) for chunk, i in zip(chunks, ids) if i not in stored]
+        if stored and len(stored) == len(ids):
+            logger.info("%s: %d chunks already indexed; reusing the stored vectors (nothing re-embedded)",
+                        Path(source).name, len(ids))
+    if todo:
+        with tqdm(total=len(todo), unit="chunk", desc="embedding", disable=None if show_progress is None else not show_progress) as bar:
+            for start in range(0, len(todo), EMBED_BATCH):
+                batch = todo[start:start + EMBED_BATCH]
+                store.add_documents([c for c, _ in batch], ids=[i for _, i in batch])
+                bar.update(len(batch))
+    seconds = time.perf_counter() - t0
+    report = IndexReport(collection.name, len(docs), total, len(todo), reused, removed, round(seconds, 3))
+    if todo:
+        logger.info("indexed %d new chunks in %.1f s (%.0f chunks/s) into collection %s",
+                    len(todo), seconds, len(todo) / max(seconds, 1e-9), collection.name)
+    return report
+
+
+def scored_retriever(store, k: int, shas: list[str]):
+    """A Runnable query -> top-k chunks of the given files, each with metadata["score"], the cosine
+    similarity (1 - cosine distance) between question and chunk."""
+    from langchain_core.documents import Document
+    from langchain_core.runnables import RunnableLambda
+
+    where = {"sha256": shas[0]} if len(shas) == 1 else {"sha256": {"$in": shas}}
+
+    def retrieve(query: str) -> list[Document]:
+        hits = store.similarity_search_with_score(query, k=k, filter=where)
+        return [Document(page_content=doc.page_content, id=doc.id,
+                         metadata={**doc.metadata, "score": round(1.0 - distance, 4)}) for doc, distance in hits]
+
+    return RunnableLambda(retrieve, name="retriever")
