@@ -1,0 +1,286 @@
+"""python -m rag.cli --file doc.txt [-q "question"] [--questions FILE] [--retrieve-only] [--json] [--timings]
+
+Retrieval QA over your documents: index them once into a persistent Chroma store, then answer one
+question (-q), a file of questions (--questions, JSON lines), or open an interactive session.
+Models default to the embedded MiniLM embedder and SmolLM2 LLM; pass your tuned ones with
+--embeddings (from embeddings.finetune) and --llm (from llm_finetune.merge).
+
+Heavy libraries (torch, transformers, langchain, chromadb) are imported inside functions, so
+`--help` and flag errors answer at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from llm_finetune.common import TuneragError, run_cli, tunerag_home
+from rag.config import RagConfig
+
+logger = logging.getLogger(__name__)
+
+HELP = "/sources shows the passages behind the last answer; /quit or Ctrl-D leaves; Ctrl-C stops an answer."
+
+
+def quiet_libraries() -> None:
+    """Our INFO lines stay; the libraries' INFO chatter and weight-loading bars do not."""
+    for name in ("bitsandbytes", "sentence_transformers", "transformers", "chromadb", "httpx", "urllib3", "langchain_huggingface"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def read_questions(path: Path) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as e:
+        raise TuneragError(f"--questions {str(path)!r} cannot be read ({e.strerror})") from None
+    questions = [line.strip() for line in lines if line.strip()]
+    if not questions:
+        raise TuneragError(f"--questions {str(path)!r} has no questions (one question a line)")
+    return questions
+
+
+def to_json(out: dict) -> dict:
+    """The --json shape; score is the cosine similarity between question and passage."""
+    return {"query": out["query"], "result": out["result"], "source_documents": [
+        {"text": d.page_content, "source": d.metadata.get("source"), "chunk": d.metadata.get("chunk"),
+         "score": d.metadata.get("score")} for d in out["source_documents"]]}
+
+
+def format_sources(docs: list[Any]) -> str:
+    if not docs:
+        return "(no passages)"
+    lines = []
+    for i, d in enumerate(docs, 1):
+        text = " ".join(d.page_content.split())
+        lines.append(f"[{i}] {Path(d.metadata.get('source', '?')).name} chunk {d.metadata.get('chunk')} "
+                     f"(cosine {d.metadata.get('score')}): {text[:300]}{'...' if len(text) > 300 else ''}")
+    return "\n".join(lines)
+
+
+def ask(chain, question: str, out: dict, on_token: Callable[[str], None] | None = None) -> dict:
+    """Stream one answer into `out` ({"query", "result", "source_documents"}) and return the seconds
+    to retrieval and to the first token. `out` is filled as it goes, so an answer stopped with
+    Ctrl-C still has its passages."""
+    t0 = time.perf_counter()
+    marks: dict[str, float] = {}
+    out.update(query=question, result="", source_documents=[])
+    stream = chain.stream({"query": question})
+    try:
+        for chunk in stream:
+            if "source_documents" in chunk:
+                out["source_documents"] = chunk["source_documents"]
+                marks.setdefault("retrieve", time.perf_counter() - t0)
+            if chunk.get("result"):
+                marks.setdefault("first_token", time.perf_counter() - t0)
+                out["result"] += chunk["result"]
+                if on_token:
+                    on_token(chunk["result"])
+    finally:
+        stream.close()  # on Ctrl-C: unwinds the pipeline's stream; its StopFlag ends the generation thread
+    out["result"] = out["result"].strip()
+    return marks
+
+
+class Answerer:
+    """Everything loaded once: the index, the retriever and (unless --retrieve-only) the chain."""
+
+    def __init__(self, cfg: RagConfig, t_start: float):
+        from rag import index
+
+        self.cfg = cfg
+        self.timings: dict[str, float] = {}
+        t = time.perf_counter()
+        docs = index.load_documents(cfg.file)
+        embeddings, resolved = index.load_embeddings(cfg.embeddings)
+        self.timings["load_embedder"] = time.perf_counter() - t
+        t = time.perf_counter()
+        size = index.capped_chunk_size(cfg.chunk_size, index.embedder_max_tokens(embeddings))
+        overlap = cfg.chunk_overlap if cfg.chunk_overlap < size else size // 2
+        if overlap != cfg.chunk_overlap:
+            logger.info("note: --chunk-overlap %d lowered to %d, half the capped chunk size", cfg.chunk_overlap, overlap)
+        name = index.collection_name(cfg.embeddings, index.embedder_identity(resolved), size, overlap)
+        client = index.open_client(cfg.persist_dir)
+        store = index.open_store(client, name, embeddings,
+                                 metadata={"embedder": resolved, "chunk_size": size, "chunk_overlap": overlap},
+                                 persist_dir=cfg.persist_dir)
+        splitter = index.make_splitter(embeddings._client.tokenizer, size, overlap)
+        self.report = index.sync_index(store, docs, splitter, reindex=cfg.reindex)
+        self.retriever = index.scored_retriever(store, cfg.k, sorted({d.metadata["sha256"] for d in docs}))
+        self.files = [Path(d.metadata["source"]).name for d in docs]
+        self.timings["index"] = time.perf_counter() - t
+        self.stop = None
+        if cfg.retrieve_only:
+            self.chain = self.retrieval_chain()
+        else:
+            t = time.perf_counter()
+            self.chain = self.answer_chain()
+            self.timings["load_llm"] = time.perf_counter() - t
+        self.timings["ready"] = time.perf_counter() - t_start
+
+    def retrieval_chain(self):
+        from langchain_core.runnables import RunnablePassthrough
+
+        return RunnablePassthrough.assign(source_documents=lambda x: self.retriever.invoke(x["query"]))
+
+    def answer_chain(self):
+        from llm_finetune.models import LLM_INSTEAD, load_llm
+        from rag.chain import build_chain, context_window, make_llm
+
+        cfg = self.cfg
+        try:
+            model, tokenizer = load_llm(cfg.llm, dtype="auto")
+        except (OSError, ValueError, KeyError) as e:
+            text = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise TuneragError(f"LLM {cfg.llm!r} could not be loaded ({text}); pass {LLM_INSTEAD}") from None
+        if cfg.temperature > 0:
+            from transformers import set_seed
+
+            set_seed(cfg.seed)
+        llm, self.stop = make_llm(model, tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+        window = context_window(model, tokenizer)
+        if window <= cfg.max_new_tokens + 64:
+            raise TuneragError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in this LLM's "
+                               f"{window}-token context; lower it")
+        return build_chain(self.retriever, llm, tokenizer, max_prompt_tokens=window - cfg.max_new_tokens)
+
+    def ask(self, question: str, out: dict, on_token: Callable[[str], None] | None = None) -> dict:
+        if not question.strip():
+            raise TuneragError("the question is empty; ask something about the document")
+        if self.stop is not None:
+            self.stop.event.clear()
+        marks = ask(self.chain, question.strip(), out, on_token)
+        if self.cfg.retrieve_only:
+            out["result"] = None
+        return marks
+
+
+def print_timings(timings: dict[str, float]) -> None:
+    print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()), file=sys.stderr)
+
+
+def one_shot(answerer: Answerer, cfg: RagConfig, t_start: float) -> dict:
+    out: dict = {}
+    stream_text = not cfg.json and not cfg.retrieve_only
+    marks = answerer.ask(cfg.question, out, on_token=(lambda s: print(s, end="", flush=True)) if stream_text else None)
+    if cfg.json:
+        print(json.dumps(to_json(out), ensure_ascii=False))
+    elif cfg.retrieve_only:
+        print(format_sources(out["source_documents"]))
+    else:
+        print()
+        print("\nSources:\n" + format_sources(out["source_documents"]))
+    if cfg.timings:
+        t = answerer.timings
+        print_timings({**{k: t[k] for k in ("load_embedder", "index", "load_llm") if k in t},
+                       "retrieve": marks.get("retrieve", 0.0),
+                       **({"first_token_from_start": t["ready"] + marks["first_token"]} if "first_token" in marks else {}),
+                       "total": time.perf_counter() - t_start})
+    return out
+
+
+def batch(answerer: Answerer, cfg: RagConfig, t_start: float) -> list[dict]:
+    results, first = [], None
+    for question in read_questions(cfg.questions):
+        out: dict = {}
+        marks = answerer.ask(question, out)
+        if first is None and "first_token" in marks:
+            first = answerer.timings["ready"] + marks["first_token"]
+        print(json.dumps(to_json(out), ensure_ascii=False), flush=True)
+        results.append(out)
+    if cfg.timings:
+        print_timings({**answerer.timings, **({"first_token_from_start": first} if first else {}),
+                       "total": time.perf_counter() - t_start})
+    return results
+
+
+def setup_readline() -> Callable[[], None]:
+    """Line editing and a persistent history ($TUNERAG_HOME/rag_history); returns the saver."""
+    try:
+        import readline
+    except ImportError:  # not on every platform; input() still works without it
+        return lambda: None
+    history = tunerag_home() / "rag_history"
+    try:
+        readline.read_history_file(history)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        try:
+            history.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(history)
+        except OSError as e:
+            logger.warning("could not save the question history to %s (%s)", history, e.strerror)
+
+    return save
+
+
+def session(answerer: Answerer, cfg: RagConfig) -> None:
+    save_history = setup_readline()
+    print(f"Ask about {', '.join(answerer.files)} ({answerer.report.chunks} chunks). {HELP}", flush=True)
+    last: dict = {"source_documents": []}
+    try:
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:  # Ctrl-D
+                print()
+                break
+            except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line, as in a shell
+                print()
+                continue
+            question = line.strip()
+            if not question:
+                continue
+            if question in ("/quit", "/exit", "/q"):
+                break
+            if question == "/sources":
+                print(format_sources(last["source_documents"]), flush=True)
+                continue
+            if question.startswith("/"):
+                print(f"unknown command {question!r}. {HELP}", flush=True)
+                continue
+            out: dict = {}
+            try:
+                answerer.ask(question, out, on_token=lambda s: print(s, end="", flush=True))
+                print(format_sources(out["source_documents"]) if cfg.retrieve_only else "", flush=True)
+            except KeyboardInterrupt:
+                if answerer.stop is not None:
+                    answerer.stop.event.set()
+                print(" [stopped]", flush=True)
+            except TuneragError as e:
+                print(f"error: {e}", flush=True)
+            except Exception as e:  # the session outlives one failed question; the message says why
+                print(f"error: {type(e).__name__}: {e}", flush=True)
+            if out.get("source_documents") is not None:
+                last = out
+    finally:
+        save_history()
+
+
+def main(cfg: RagConfig) -> Any:
+    t_start = time.perf_counter()
+    if cfg.question is not None and not cfg.question.strip():
+        raise TuneragError("the question is empty; pass -q with something to ask about the document")
+    if cfg.questions is not None:
+        read_questions(cfg.questions)  # a bad questions file fails before any model loads
+    quiet_libraries()
+    answerer = Answerer(cfg, t_start)
+    if cfg.question is not None:
+        return one_shot(answerer, cfg, t_start)
+    if cfg.questions is not None:
+        return batch(answerer, cfg, t_start)
+    return session(answerer, cfg)
+
+
+if __name__ == "__main__":
+    run_cli(main, RagConfig)
