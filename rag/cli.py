@@ -97,8 +97,11 @@ class Answerer:
 
         self.cfg = cfg
         self.timings: dict[str, float] = {}
-        t = time.perf_counter()
+        # The cheap checks (documents, store folder) come before any model loads.
         docs = index.load_documents(cfg.file)
+        client = index.open_client(cfg.persist_dir)
+        t = time.perf_counter()
+        quiet_libraries()
         embeddings, resolved = index.load_embeddings(cfg.embeddings)
         self.timings["load_embedder"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -107,7 +110,6 @@ class Answerer:
         if overlap != cfg.chunk_overlap:
             logger.info("note: --chunk-overlap %d lowered to %d, half the capped chunk size", cfg.chunk_overlap, overlap)
         name = index.collection_name(cfg.embeddings, index.embedder_identity(resolved), size, overlap)
-        client = index.open_client(cfg.persist_dir)
         store = index.open_store(client, name, embeddings,
                                  metadata={"embedder": resolved, "chunk_size": size, "chunk_overlap": overlap},
                                  persist_dir=cfg.persist_dir)
@@ -273,7 +275,6 @@ def main(cfg: RagConfig) -> Any:
         raise TuneragError("the question is empty; pass -q with something to ask about the document")
     if cfg.questions is not None:
         read_questions(cfg.questions)  # a bad questions file fails before any model loads
-    quiet_libraries()
     answerer = Answerer(cfg, t_start)
     if cfg.question is not None:
         return one_shot(answerer, cfg, t_start)

@@ -1,0 +1,134 @@
+"""The LCEL chain's logic with langchain-core's fakes and a real tokenizer (the Mistral v0.1 one)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from llm_finetune.common import TuneragError
+from rag.chain import INSTRUCTIONS, StopFlag, build_chain, count_tokens, fit_prompt, render_prompt
+from rag.metrics import answer_matches, chunk_answers, recall_at_k
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+PASSAGES = [
+    "At December 31, 2025 our CET1 ratio was 11.4%, up from 11.0% a year earlier.",
+    "Net income rose 13.0% to $2.117 billion, compared with $1.874 billion in the prior year.",
+    "The board of directors has 13 members, 11 of whom are independent.",
+    "We sold our equipment leasing subsidiary to Bayline Capital in April 2025 for $415 million.",
+]
+
+
+@pytest.fixture(scope="module")
+def mistral_tokenizer(tiny_mistral):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_mistral)
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer(mistral_tokenizer):
+    tokenizer = copy.deepcopy(mistral_tokenizer)
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def retriever():
+    from langchain_core.documents import Document
+    from langchain_core.embeddings import DeterministicFakeEmbedding
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    docs = [Document(page_content=p, metadata={"source": "report.txt", "chunk": i}) for i, p in enumerate(PASSAGES)]
+    store = InMemoryVectorStore.from_documents(docs, DeterministicFakeEmbedding(size=16))
+    return store.as_retriever(search_kwargs={"k": 3})
+
+
+def docs(*texts):
+    from langchain_core.documents import Document
+
+    return [Document(page_content=t) for t in texts]
+
+
+def test_invoke_has_the_retrievalqa_interface(retriever, chatml_tokenizer):
+    from langchain_core.language_models import FakeListLLM
+
+    chain = build_chain(retriever, FakeListLLM(responses=["  11.4%\n"]), chatml_tokenizer, max_prompt_tokens=2048)
+    out = chain.invoke({"query": "What was the CET1 ratio?"})
+    assert set(out) == {"query", "result", "source_documents"}
+    assert out["query"] == "What was the CET1 ratio?"
+    assert out["result"].strip() == "11.4%"
+    assert len(out["source_documents"]) == 3
+    assert out["source_documents"] == retriever.invoke("What was the CET1 ratio?")
+
+
+def test_stream_yields_the_same_keys(retriever, chatml_tokenizer):
+    from langchain_core.language_models import FakeStreamingListLLM
+
+    chain = build_chain(retriever, FakeStreamingListLLM(responses=["11.4%"]), chatml_tokenizer)
+    chunks = list(chain.stream({"query": "CET1?"}))
+    assert "source_documents" in chunks[0]
+    assert "".join(c.get("result", "") for c in chunks) == "11.4%"
+    assert sum("result" in c for c in chunks) > 1  # token by token, not one block
+
+
+def test_prompt_uses_system_role_when_the_template_has_one(chatml_tokenizer):
+    prompt = render_prompt(chatml_tokenizer, docs(PASSAGES[0]), "What was the CET1 ratio?")
+    assert prompt.startswith(f"<|im_start|>system\n{INSTRUCTIONS}<|im_end|>")
+    assert "[1] At December 31, 2025 our CET1 ratio was 11.4%" in prompt
+    assert prompt.endswith("Question: What was the CET1 ratio?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_mistral_v01_template_gets_the_instructions_in_the_user_turn(mistral_tokenizer):
+    prompt = render_prompt(mistral_tokenizer, docs(PASSAGES[0]), "What was the CET1 ratio?")
+    assert prompt.startswith(f"<s>[INST] {INSTRUCTIONS}\n\nPassages:\n[1] ")
+    assert prompt.endswith("Question: What was the CET1 ratio? [/INST]")
+    ids = mistral_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert ids.count(mistral_tokenizer.bos_token_id) == 1  # the template's <s>, not doubled
+
+
+def test_fit_drops_the_lowest_ranked_passages_first(mistral_tokenizer):
+    ranked = docs(*PASSAGES)
+    full = count_tokens(mistral_tokenizer, render_prompt(mistral_tokenizer, ranked, "CET1?"))
+    two = count_tokens(mistral_tokenizer, render_prompt(mistral_tokenizer, ranked[:2], "CET1?"))
+    prompt, kept = fit_prompt(mistral_tokenizer, ranked, "CET1?", max_prompt_tokens=two)
+    assert kept == ranked[:2] and two < full
+    assert "Question: CET1?" in prompt and PASSAGES[2] not in prompt
+    prompt, kept = fit_prompt(mistral_tokenizer, ranked, "CET1?", max_prompt_tokens=full)
+    assert kept == ranked
+
+
+def test_a_question_that_cannot_fit_is_an_error_not_a_cut(mistral_tokenizer):
+    question = "What was the CET1 ratio at the end of the year? " * 40
+    with pytest.raises(TuneragError, match="the question alone needs"):
+        fit_prompt(mistral_tokenizer, docs(*PASSAGES), question, max_prompt_tokens=200)
+
+
+def test_stop_flag_forces_end_of_sequence():
+    import torch
+
+    flag = StopFlag(eos_token_id=2)
+    scores = torch.randn(1, 10)
+    assert torch.equal(flag(None, scores.clone()), scores)
+    flag.event.set()
+    assert flag(None, scores.clone()).argmax(-1).item() == 2
+
+
+def test_chunk_answers_accepts_a_passage_cut_at_a_chunk_boundary():
+    passage = "At December 31, 2025 our CET1 ratio was 11.4%, up from 11.0% a year earlier."
+    assert chunk_answers("Capital.\n" + passage.replace(" ", "\n ", 3), passage, "11.4%")
+    assert chunk_answers("Capital. At December 31, 2025 our CET1 ratio was 11.4%, up", passage, "11.4%")
+    assert not chunk_answers("Capital. At December 31, 2025 our CET1", passage, "11.4%")  # no answer span
+    assert not chunk_answers("The CET1 ratio was 11.4%.", passage, "11.4%")  # answer, but not the passage
+    items = [{"passage": passage, "answer": "11.4%"}, {"passage": PASSAGES[2], "answer": "13"}]
+    assert recall_at_k([[passage], ["unrelated"]], items) == 0.5
+
+
+def test_answer_matches_normalises_money_and_percent():
+    assert answer_matches("The group has 21400 colleagues.", "21,400")
+    assert answer_matches("It was $ 415 million.", "$415 million")
+    assert answer_matches("CET1 was 11.4 %", "11.4%")
+    assert not answer_matches("CET1 was 11.0%", "11.4%")
