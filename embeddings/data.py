@@ -1,0 +1,386 @@
+"""Pure data transforms for `embeddings`: cleaning, chunking, ICT pairs, question parsing, splits, and
+the LlamaIndex `EmbeddingQAFinetuneDataset` layout. Nothing here builds a model; I/O is limited to
+the two small file readers at the end (`load_pairs`, `read_qa_file`), which turn bad files into one line.
+
+The pairs layout (what LlamaIndex's `generate_qa_embedding_pairs` writes and reads):
+    {"queries": {qid: text}, "corpus": {cid: text}, "relevant_docs": {qid: [cid, ...]}, "mode": "text"}
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from llm_finetune.common import TuneragError
+
+
+class PairsError(TuneragError):
+    """A pairs or Q/A file that cannot be used."""
+
+
+# --------------------------------------------------------------------------- cleaning and chunking
+
+def clean_text(text: str, drop_patterns: list[str] = ()) -> tuple[list[str], int]:
+    """(paragraph lines with whitespace collapsed, number of lines dropped by `drop_patterns`)."""
+    compiled = [re.compile(p) for p in drop_patterns]
+    lines, dropped = [], 0
+    for line in text.splitlines():
+        if compiled and any(p.search(line) for p in compiled):
+            dropped += 1
+            continue
+        line = " ".join(line.split())
+        if line:
+            lines.append(line)
+    return lines, dropped
+
+
+# A sentence ends at . ! ? (optionally closed by a quote or bracket) before whitespace and a capital,
+# digit, quote or bracket; "$8.64 billion" and "U.S. dollars" stay whole.
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[A-Z0-9\"'(\[$])")
+
+
+def split_sentences(lines: list[str]) -> list[str]:
+    """Sentences of cleaned lines; a line (a heading, a list item) never runs into the next one."""
+    return [s.strip() for line in lines for s in _SENTENCE_END.split(line) if s.strip()]
+
+
+def split_long(sentence: str, count_tokens: Callable[[str], int], limit: int) -> list[str]:
+    """Pieces of a sentence longer than `limit` tokens, cut at word boundaries."""
+    words, pieces, current = sentence.split(), [], []
+    for word in words:
+        if current and count_tokens(" ".join(current + [word])) > limit:
+            pieces.append(" ".join(current))
+            current = []
+        current.append(word)
+    if current:
+        pieces.append(" ".join(current))
+    return pieces
+
+
+@dataclass
+class Chunk:
+    doc: str            # the document it came from (for the split by document)
+    index: int          # position within the document
+    text: str
+    sentences: list[str] = field(default_factory=list)
+    own: list[int] = field(default_factory=list)  # indices into `sentences` not shared with a neighbour chunk
+
+    @property
+    def id(self) -> str:
+        return f"{self.doc}#{self.index}"
+
+
+def chunk_sentences(sentences: list[str], count_tokens: Callable[[str], int], chunk_tokens: int,
+                    overlap_tokens: int, doc: str = "doc") -> list[Chunk]:
+    """Pack whole sentences into chunks of at most `chunk_tokens` tokens (as `count_tokens` counts
+    them, without special tokens), repeating up to `overlap_tokens` tokens of trailing sentences
+    at the start of the next chunk. Sentences longer than a chunk are cut at word boundaries."""
+    units: list[str] = []
+    for s in sentences:
+        units += [s] if count_tokens(s) <= chunk_tokens else split_long(s, count_tokens, chunk_tokens)
+    sizes = [count_tokens(u) for u in units]
+    spans: list[tuple[int, int]] = []  # [start, end) unit indices
+    start = 0
+    while start < len(units):
+        end, total = start, 0
+        while end < len(units) and total + sizes[end] <= chunk_tokens:
+            total += sizes[end]
+            end += 1
+        end = max(end, start + 1)
+        # Joining can merge tokens differently from the sum (BPE tokenizers): shrink until it fits.
+        while end - start > 1 and count_tokens(" ".join(units[start:end])) > chunk_tokens:
+            end -= 1
+        spans.append((start, end))
+        if end >= len(units):
+            break
+        back, carried = end, 0
+        while back - 1 > start and carried + sizes[back - 1] <= overlap_tokens:
+            back -= 1
+            carried += sizes[back]
+        start = back
+    chunks = []
+    for i, (s, e) in enumerate(spans):
+        shared = set()
+        if i > 0:
+            shared |= set(range(s, min(e, spans[i - 1][1])))
+        if i + 1 < len(spans):
+            shared |= set(range(max(s, spans[i + 1][0]), e))
+        chunks.append(Chunk(doc, i, " ".join(units[s:e]), units[s:e], [j - s for j in range(s, e) if j not in shared]))
+    return chunks
+
+
+def split_by_position(sentences: list[str], count_tokens: Callable[[str], int], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(train sentences, val sentences): the last `val_fraction` of the text, by tokens, is val.
+    Splitting before chunking keeps overlapping chunks from straddling the two sides."""
+    sizes = [count_tokens(s) for s in sentences]
+    target, total, cut = sum(sizes) * (1 - val_fraction), 0, len(sentences)
+    for i, n in enumerate(sizes):
+        if total >= target:
+            cut = i
+            break
+        total += n
+    cut = min(max(cut, 1), len(sentences) - 1)
+    return sentences[:cut], sentences[cut:]
+
+
+def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train docs, val docs): a seeded shuffle, at least one document on each side."""
+    order = sorted(docs)
+    random.Random(seed).shuffle(order)
+    n_val = min(max(1, round(len(order) * val_fraction)), len(order) - 1)
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+# --------------------------------------------------------------------------- queries
+
+def stable_rng(seed: int, *parts: str) -> random.Random:
+    """A Random seeded by `seed` and text, so a chunk's draw does not depend on the chunks before it."""
+    digest = hashlib.sha256("\x1f".join([str(seed), *parts]).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def ict_pairs(chunk: Chunk, n: int, seed: int, min_words: int = 5) -> tuple[list[str], str]:
+    """Inverse cloze task: (query sentences, passage). Up to `n` sentences the chunk does not share
+    with a neighbour (so no other passage contains them verbatim) become queries; the passage is
+    the chunk without them. Needs at least one sentence left over; else ([], chunk text)."""
+    eligible = [i for i in chunk.own if len(chunk.sentences[i].split()) >= min_words]
+    n = min(n, len(eligible), len(chunk.sentences) - 1)
+    if n <= 0:
+        return [], chunk.text
+    picked = sorted(stable_rng(seed, chunk.text).sample(eligible, n))
+    passage = " ".join(s for i, s in enumerate(chunk.sentences) if i not in picked)
+    return [chunk.sentences[i] for i in picked], passage
+
+
+QA_PROMPT = (
+    "Context information is below.\n\n"
+    "---------------------\n{context}\n---------------------\n\n"
+    "Given the context information and not prior knowledge, generate {n} questions based on the context only. "
+    "You are a teacher setting {n} questions for a quiz. The questions should be diverse in nature and "
+    "answerable from the context. Write one question per line, each ending with a question mark, and nothing else."
+)
+
+
+def question_prompt(context: str, n: int) -> str:
+    """The user message asking an LLM for `n` questions about `context` (after LlamaIndex's QA prompt)."""
+    return QA_PROMPT.format(context=context, n=n)
+
+
+_LIST_MARKER = re.compile(r"^\s*(?:(?:q(?:uestion)?\s*)?\d+\s*[.):\]-]|[-*\u2022>#]+|q(?:uestion)?\s*\d*\s*[:.])\s*", re.I)
+
+
+def normalise_question(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+def parse_questions(output: str, n: int, min_words: int = 3) -> tuple[list[str], dict[str, int]]:
+    """Up to `n` questions from an LLM's free text, and counts of what was dropped.
+
+    Handles numbering ("1.", "2)", "Q1:"), bullets, several questions on one line, blank lines and
+    preambles ("Here are two questions:"). Dropped: `not_question` (no "?"), `too_short`,
+    `duplicate` (same words, case and punctuation aside) and `extra` (beyond `n`)."""
+    counts = {"kept": 0, "not_question": 0, "too_short": 0, "duplicate": 0, "extra": 0}
+    questions, seen = [], set()
+    for line in output.splitlines():
+        line = line.strip().strip("*").strip()
+        if not line:
+            continue
+        # "1. What is X? 2. What is Y?" on one line: cut after each question mark.
+        for piece in re.split(r"(?<=\?)\s+", line):
+            piece = _LIST_MARKER.sub("", piece).strip().strip('"').strip()
+            if not piece:
+                continue
+            if "?" not in piece:
+                counts["not_question"] += 1
+                continue
+            piece = piece[: piece.rindex("?") + 1].strip()
+            if len(piece.split()) < min_words:
+                counts["too_short"] += 1
+                continue
+            key = normalise_question(piece)
+            if key in seen:
+                counts["duplicate"] += 1
+                continue
+            seen.add(key)
+            if len(questions) >= n:
+                counts["extra"] += 1
+                continue
+            questions.append(piece)
+    counts["kept"] = len(questions)
+    return questions, counts
+
+
+# --------------------------------------------------------------------------- the pairs layout
+
+@dataclass
+class Pairs:
+    queries: dict[str, str] = field(default_factory=dict)
+    corpus: dict[str, str] = field(default_factory=dict)
+    relevant_docs: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, passage_id: str, passage: str, queries: list[str]) -> None:
+        self.corpus[passage_id] = passage
+        for i, q in enumerate(queries):
+            qid = f"{passage_id}-q{i}"
+            self.queries[qid] = q
+            self.relevant_docs[qid] = [passage_id]
+
+    def to_json(self) -> dict:
+        return {"queries": self.queries, "corpus": self.corpus, "relevant_docs": self.relevant_docs, "mode": "text"}
+
+    def anchor_positive(self) -> tuple[list[str], list[str]]:
+        """(anchors, positives): one training pair per (query, relevant passage)."""
+        anchors, positives = [], []
+        for qid, cids in self.relevant_docs.items():
+            for cid in cids:
+                anchors.append(self.queries[qid])
+                positives.append(self.corpus[cid])
+        return anchors, positives
+
+    def ir_dicts(self) -> tuple[dict[str, str], dict[str, str], dict[str, set[str]]]:
+        """(queries, corpus, relevant_docs as sets): what InformationRetrievalEvaluator takes."""
+        return self.queries, self.corpus, {q: set(c) for q, c in self.relevant_docs.items()}
+
+
+def pairs_from_json(data: object, name: str = "pairs file") -> Pairs:
+    """Check the layout and ids; a PairsError says what is wrong, in one line."""
+    expected = "a JSON object with 'queries', 'corpus' and 'relevant_docs' (the LlamaIndex EmbeddingQAFinetuneDataset layout)"
+    if not isinstance(data, dict) or not all(k in data for k in ("queries", "corpus", "relevant_docs")):
+        got = f"keys {sorted(data)[:6]}" if isinstance(data, dict) else type(data).__name__
+        raise PairsError(f"{name} is not {expected}; got {got}")
+    for key in ("queries", "corpus", "relevant_docs"):
+        if not isinstance(data[key], dict):
+            raise PairsError(f"{name}: '{key}' must be an object of id -> value, got {type(data[key]).__name__}")
+    for key in ("queries", "corpus"):
+        bad = [k for k, v in data[key].items() if not isinstance(v, str) or not v.strip()]
+        if bad:
+            raise PairsError(f"{name}: {len(bad)} '{key}' entries are not non-empty strings (first: {bad[0]!r})")
+    relevant: dict[str, list[str]] = {}
+    for qid, cids in data["relevant_docs"].items():
+        cids = [cids] if isinstance(cids, str) else cids
+        if not isinstance(cids, list) or not cids or not all(isinstance(c, str) for c in cids):
+            raise PairsError(f"{name}: relevant_docs[{qid!r}] must be a non-empty list of corpus ids, got {cids!r}")
+        relevant[qid] = cids
+    unknown_q = [q for q in relevant if q not in data["queries"]]
+    if unknown_q:
+        raise PairsError(f"{name}: {len(unknown_q)} relevant_docs keys are not in its queries (first: {unknown_q[0]!r})")
+    missing = sorted({c for cids in relevant.values() for c in cids if c not in data["corpus"]})
+    if missing:
+        raise PairsError(f"{name}: {len(missing)} relevant corpus ids are not in its corpus (first: {missing[0]!r}); "
+                         "queries would have no correct answer to find")
+    queries = {q: t for q, t in data["queries"].items() if q in relevant}
+    if not queries:
+        raise PairsError(f"{name} has no queries with relevant passages")
+    return Pairs(queries, dict(data["corpus"]), relevant)
+
+
+def load_pairs(path: Path) -> Pairs:
+    path = Path(path)
+    if not path.is_file():
+        raise PairsError(f"{str(path)!r} does not exist; make it with `python -m embeddings.prepare DOCS --out DIR`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PairsError(f"{str(path)!r} is not valid JSON ({e})") from None
+    return pairs_from_json(data, repr(str(path)))
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write JSON to a temp file beside `path` and rename it in, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- Q/A files
+
+QUESTION_COLUMNS = ("question", "query", "instruction")
+ANSWER_COLUMNS = ("answer", "response", "output")
+
+
+def parse_qa_records(text: str, suffix: str, name: str) -> list[dict]:
+    suffix = suffix.lower()
+    try:
+        if suffix == ".csv":
+            return list(csv.DictReader(io.StringIO(text)))
+        if suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
+    except (json.JSONDecodeError, csv.Error) as e:
+        raise PairsError(f"{name} cannot be parsed as {suffix.lstrip('.').upper() or 'JSON'} ({e})") from None
+    if isinstance(data, dict):  # {"data": [...]} or a column-oriented {"question": [...], "answer": [...]}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) == 1 and all(isinstance(r, dict) for r in lists[0]):
+            data = lists[0]
+        elif lists and all(isinstance(v, list) for v in data.values()):
+            data = [dict(zip(data, row)) for row in zip(*data.values())]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise PairsError(f"{name} must hold a list of records with question and answer fields")
+    return data
+
+
+def qa_pairs(records: list[dict], name: str) -> list[tuple[str, str]]:
+    """(question, answer) per usable record; the column names are matched case-insensitively."""
+    if not records:
+        raise PairsError(f"{name} has no records")
+    columns = {k.lower().strip(): k for k in records[0]}
+    q_col = next((columns[c] for c in QUESTION_COLUMNS if c in columns), None)
+    a_col = next((columns[c] for c in ANSWER_COLUMNS if c in columns), None)
+    if q_col is None or a_col is None:
+        raise PairsError(f"{name} needs a question column ({'/'.join(QUESTION_COLUMNS)}) and an answer column "
+                         f"({'/'.join(ANSWER_COLUMNS)}); found {sorted(columns.values())}")
+    out = []
+    for r in records:
+        q, a = r.get(q_col), r.get(a_col)
+        if isinstance(q, str) and isinstance(a, str) and q.strip() and a.strip():
+            out.append((" ".join(q.split()), " ".join(a.split())))
+    if not out:
+        raise PairsError(f"{name} has no record with both a question and an answer")
+    return out
+
+
+def read_qa_file(path: Path) -> tuple[list[tuple[str, str]], int]:
+    """((question, answer) pairs, records skipped for an empty question or answer)."""
+    from embeddings.documents import decode_text
+
+    path = Path(path)
+    if not path.is_file():
+        raise PairsError(f"--qa-file {str(path)!r} does not exist")
+    text = decode_text(path.read_bytes(), str(path))
+    records = parse_qa_records(text, path.suffix, repr(str(path)))
+    pairs = qa_pairs(records, repr(str(path)))
+    return pairs, len(records) - len(pairs)
+
+
+def qa_to_pairs(qa: list[tuple[str, str]], val_fraction: float, seed: int) -> tuple[Pairs, Pairs]:
+    """(train, val) from Q/A pairs: each distinct answer is a passage; passages (with all their
+    questions) are split by a seeded shuffle, so a passage never lands on both sides."""
+    by_answer: dict[str, list[str]] = {}
+    for q, a in qa:
+        by_answer.setdefault(a, [])
+        if q not in by_answer[a]:
+            by_answer[a].append(q)
+    answers = list(by_answer)
+    random.Random(seed).shuffle(answers)
+    n_val = min(max(1, round(len(answers) * val_fraction)), len(answers) - 1) if len(answers) > 1 else 0
+    train, val = Pairs(), Pairs()
+    for i, a in enumerate(answers):
+        pid = "p" + hashlib.sha256(a.encode()).hexdigest()[:12]
+        (val if i < n_val else train).add(pid, a, by_answer[a])
+    return train, val

@@ -1,0 +1,175 @@
+"""Fine-tune a sentence-transformers embedder on (query, passage) pairs and keep the best checkpoint.
+
+    python -m embeddings.finetune --train pairs/train.json --val pairs/val.json --model minilm --out models/emb-tuned
+
+The steps of sentence-transformers' own training scripts, nothing custom: MultipleNegativesRankingLoss
+(every other passage in the batch is a negative; optionally cached for big batches, wrapped in
+MatryoshkaLoss, or fed hard negatives mined with the base model), the NO_DUPLICATES batch sampler,
+an InformationRetrievalEvaluator on val before training, during it (picking the best checkpoint by
+NDCG@10) and after it. The folder in --out is a normal SentenceTransformer folder; its README.md
+(the model card) and metrics.json record the base model, the data, the settings and before/after metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from embeddings.config import FinetuneConfig
+from embeddings.data import Pairs, load_pairs, write_json_atomic
+from llm_finetune.common import TuneragError, run_cli
+
+logger = logging.getLogger(__name__)
+
+EVAL_NAME = "val"
+MAIN_METRIC = f"{EVAL_NAME}_cosine_ndcg@10"  # the evaluator's key; the trainer logs it as eval_<key>
+
+
+def ir_evaluator(pairs: Pairs, name: str = EVAL_NAME, batch_size: int = 32, show_progress_bar: bool = False):
+    """sentence-transformers' InformationRetrievalEvaluator on a pairs file, cosine similarity only."""
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+    from sentence_transformers.util import cos_sim
+
+    queries, corpus, relevant_docs = pairs.ir_dicts()
+    return InformationRetrievalEvaluator(
+        queries, corpus, relevant_docs, name=name, score_functions={"cosine": cos_sim}, main_score_function="cosine",
+        batch_size=batch_size, show_progress_bar=show_progress_bar, write_csv=False)
+
+
+def file_summary(path: Path, pairs: Pairs) -> dict:
+    return {"path": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16],
+            "queries": len(pairs.queries), "passages": len(pairs.corpus)}
+
+
+def card_section(cfg: FinetuneConfig, data: dict, before: dict, after: dict, train_seconds: float) -> str:
+    keys = [k for k in before if k.startswith(f"{EVAL_NAME}_cosine_") and "precision" not in k and "recall" not in k]
+    rows = "\n".join(f"| {k.removeprefix(f'{EVAL_NAME}_cosine_')} | {before[k]:.4f} | {after[k]:.4f} |" for k in keys)
+    settings = {k: v for k, v in json.loads(json.dumps(asdict(cfg), default=str)).items() if k not in ("train", "val", "out")}
+    return (
+        "\n\n## tunerag fine-tuning record\n\n"
+        f"- Base model: `{cfg.model}`\n"
+        f"- Train data: `{data['train']['path']}` ({data['train']['queries']} queries, {data['train']['passages']} passages, "
+        f"sha256 {data['train']['sha256']}); {data['train_pairs']} training pairs\n"
+        f"- Validation data: `{data['val']['path']}` ({data['val']['queries']} queries, {data['val']['passages']} passages, "
+        f"sha256 {data['val']['sha256']})\n"
+        f"- Settings: `{json.dumps(settings)}`\n"
+        f"- Training time: {train_seconds:.0f} s\n\n"
+        "Retrieval on the validation set (cosine; sentence-transformers InformationRetrievalEvaluator):\n\n"
+        f"| metric | base | tuned |\n|---|---|---|\n{rows}\n"
+    )
+
+
+def main(cfg: FinetuneConfig) -> dict:
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer import losses
+    from sentence_transformers.training_args import BatchSamplers
+    from transformers import set_seed
+
+    from embeddings.models import load_embedder
+
+    set_seed(cfg.seed)
+    config = json.loads(json.dumps(asdict(cfg), default=str))
+    logger.info("finetune: %s", config)
+    train, val = load_pairs(cfg.train), load_pairs(cfg.val)
+    if cfg.out.exists() and any(cfg.out.iterdir()):
+        raise TuneragError(f"--out {str(cfg.out)!r} exists and is not empty; pick a new folder or remove it")
+
+    # 1. The base model
+    model = load_embedder(cfg.model)
+
+    # 2. Training pairs: (anchor, positive), plus mined hard negatives if asked
+    anchors, positives = train.anchor_positive()
+    if len(anchors) < 2:
+        raise TuneragError(f"{str(cfg.train)!r} has {len(anchors)} training pair(s); in-batch negatives need at least 2")
+    dataset = Dataset.from_dict({"anchor": anchors, "positive": positives})
+    if cfg.hard_negatives:
+        from sentence_transformers.util import mine_hard_negatives
+
+        # relative_margin: skip "negatives" nearly as close as the positive; they are often true answers too.
+        dataset = mine_hard_negatives(
+            dataset, model, corpus=list(train.corpus.values()), num_negatives=cfg.hard_negatives,
+            relative_margin=0.05, sampling_strategy="top", output_format="n-tuple", batch_size=64, verbose=False)
+        logger.info("mined hard negatives: %d of %d pairs kept a negative", len(dataset), len(anchors))
+
+    # 3. The loss: in-batch negatives
+    if cfg.cached_loss:
+        loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=cfg.mini_batch_size)
+    else:
+        loss = losses.MultipleNegativesRankingLoss(model)
+    if cfg.matryoshka_dims:
+        dim = model.get_sentence_embedding_dimension()
+        if max(cfg.matryoshka_dims) > dim:
+            raise TuneragError(f"--matryoshka-dims {cfg.matryoshka_dims} exceed the model's {dim} dimensions")
+        loss = losses.MatryoshkaLoss(model, loss, matryoshka_dims=sorted(set(cfg.matryoshka_dims), reverse=True))
+
+    # 4. The evaluator, and the baseline it gives the base model
+    evaluator = ir_evaluator(val)
+    before = evaluator(model)
+    logger.info("base model on val: NDCG@10 %.4f, accuracy@1 %.4f", before[MAIN_METRIC], before[f"{EVAL_NAME}_cosine_accuracy@1"])
+
+    # 5. Training arguments; checkpoints live in a temp folder beside --out and are removed after
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.tmp-", dir=cfg.out.parent))
+    strategy = "steps" if cfg.eval_steps else "epoch"
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(work / "checkpoints"),
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        warmup_ratio=cfg.warmup_ratio,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,  # two queries of one chunk in a batch would be false negatives
+        eval_strategy=strategy, eval_steps=cfg.eval_steps or None,
+        save_strategy=strategy, save_steps=cfg.eval_steps or None, save_total_limit=1, save_only_model=True,
+        load_best_model_at_end=True, metric_for_best_model=f"eval_{MAIN_METRIC}", greater_is_better=True,
+        logging_steps=max(1, cfg.eval_steps or 10), report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+        disable_tqdm=False,
+    )
+
+    # 6. Train
+    try:
+        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss, evaluator=evaluator)
+        started = time.perf_counter()
+        result = trainer.train()
+        train_seconds = time.perf_counter() - started
+
+        # 7. Evaluate the best checkpoint (load_best_model_at_end put it back into `model`)
+        after = evaluator(model)
+        logger.info("tuned model on val: NDCG@10 %.4f (base %.4f)", after[MAIN_METRIC], before[MAIN_METRIC])
+
+        # 8. Save: a complete folder renamed into place, so a crash never leaves a half-written model
+        data = {"train": file_summary(cfg.train, train), "val": file_summary(cfg.val, val), "train_pairs": len(dataset)}
+        metrics = {
+            "base_model": cfg.model, "data": data, "config": config,
+            "before": before, "after": after, "main_metric": MAIN_METRIC,
+            "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name or None,
+            "steps": trainer.state.global_step, "train_seconds": round(train_seconds, 2),
+            "train_runtime": result.metrics.get("train_runtime"),
+            "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+            "pairs_per_second": round(len(dataset) * cfg.epochs / train_seconds, 2),
+        }
+        model.model_card_data.model_name = f"{Path(cfg.model).name} fine-tuned with tunerag on {cfg.train.name}"
+        staged = work / "model"
+        model.save(str(staged))
+        with (staged / "README.md").open("a", encoding="utf-8") as f:
+            f.write(card_section(cfg, data, before, after, train_seconds))
+        write_json_atomic(staged / "metrics.json", metrics)
+        write_json_atomic(staged / "run_config.json", config)
+        if cfg.out.exists():
+            cfg.out.rmdir()  # checked empty above
+        staged.rename(cfg.out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    logger.info("saved %s: val NDCG@10 %.4f -> %.4f in %.0f s (%.1f pairs/s)", cfg.out, before[MAIN_METRIC],
+                after[MAIN_METRIC], train_seconds, metrics["pairs_per_second"])
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main, FinetuneConfig)

@@ -1,0 +1,267 @@
+"""Synthetic (query, passage) pairs from your documents, split train/val, in the LlamaIndex layout.
+
+    python -m embeddings.prepare data/finance_report.txt --out pairs/                  # SmolLM2 writes questions
+    python -m embeddings.prepare docs/ --generator ict --out pairs/                     # no LLM: inverse cloze task
+    python -m embeddings.prepare --qa-file faq.csv --out pairs/                         # an existing Q/A set
+
+Documents are cleaned (whitespace collapsed, --drop-pattern lines removed), cut into sentences and
+packed into chunks that fit the embedder's tokenizer (all-MiniLM-L6-v2 reads 256 tokens; more is
+silently truncated), then each chunk gets queries. Train and val never share a chunk: with 2+
+documents whole documents go to val, with one document the last part of the text does.
+LLM questions are cached per chunk (JSONL, one line per finished chunk), so a rerun resumes.
+Writes train.json, val.json (atomically) and prepare_stats.json into --out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from embeddings.config import PrepareConfig
+from embeddings.data import (
+    Chunk, Pairs, chunk_sentences, clean_text, ict_pairs, parse_questions, qa_to_pairs, question_prompt,
+    read_qa_file, split_by_position, split_documents, split_sentences, stable_rng, write_json_atomic,
+)
+from embeddings.documents import find_documents, read_document
+from llm_finetune.common import TuneragError, run_cli, tunerag_home
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- chunks
+
+def embedder_token_counter(spec: str, chunk_tokens: int):
+    """(count_tokens, chunk limit): the embedder's own tokenizer, and `chunk_tokens` capped at its
+    max_seq_length minus the special tokens it adds ([CLS] and [SEP] for MiniLM)."""
+    from embeddings.models import load_embedder
+
+    model = load_embedder(spec, device="cpu")
+    tokenizer = model.tokenizer
+    specials = len(tokenizer("")["input_ids"])
+    limit = min(chunk_tokens, model.max_seq_length - specials)
+    if limit < chunk_tokens:
+        logger.warning("--chunk-tokens %d is more than %s reads (%d tokens incl. %d special); using %d",
+                       chunk_tokens, spec, model.max_seq_length, specials, limit)
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return count_tokens, limit
+
+
+def document_chunks(cfg: PrepareConfig) -> tuple[list[Chunk], list[Chunk], dict]:
+    """(train chunks, val chunks, stats) for the documents in cfg.docs."""
+    paths = find_documents(cfg.docs)
+    count_tokens, limit = embedder_token_counter(cfg.embedder, cfg.chunk_tokens)
+    overlap = min(cfg.chunk_overlap, limit // 2 - 1)
+    names = {}
+    for p in paths:  # short ids; the full path only where two documents share a file name
+        names[p] = p.name if sum(q.name == p.name for q in paths) == 1 else str(p)
+    sentences, dropped_lines, empty = {}, 0, []
+    for p in paths:
+        lines, dropped = clean_text(read_document(p), cfg.drop_pattern)
+        dropped_lines += dropped
+        sents = split_sentences(lines)
+        if sents:
+            sentences[names[p]] = sents
+        else:
+            empty.append(names[p])
+    if empty:
+        logger.warning("%d document(s) had no text left after --drop-pattern: %s", len(empty), ", ".join(empty[:5]))
+    if not sentences:
+        raise TuneragError("no text left in the documents after cleaning; check --drop-pattern")
+    split = cfg.split if cfg.split != "auto" else ("document" if len(sentences) > 1 else "position")
+    train, val = [], []
+    if split == "document":
+        if len(sentences) < 2:
+            raise TuneragError("--split document needs at least 2 documents with text; use --split position")
+        train_docs, val_docs = split_documents(list(sentences), cfg.val_fraction, cfg.seed)
+        for doc in train_docs:
+            train += chunk_sentences(sentences[doc], count_tokens, limit, overlap, doc)
+        for doc in val_docs:
+            val += chunk_sentences(sentences[doc], count_tokens, limit, overlap, doc)
+    else:
+        for doc, sents in sentences.items():
+            if len(sents) < 2:
+                logger.warning("%s has a single sentence; it goes to train only", doc)
+                train += chunk_sentences(sents, count_tokens, limit, overlap, f"{doc}:train")
+                continue
+            head, tail = split_by_position(sents, count_tokens, cfg.val_fraction)
+            train += chunk_sentences(head, count_tokens, limit, overlap, f"{doc}:train")
+            val += chunk_sentences(tail, count_tokens, limit, overlap, f"{doc}:val")
+    if cfg.max_chunks:
+        train, val = train[: cfg.max_chunks], val[: cfg.max_chunks]
+    if not val:
+        raise TuneragError("the validation side is empty; add documents or raise --val-fraction")
+    stats = {"documents": len(paths), "split": split, "chunk_tokens": limit, "chunk_overlap": overlap,
+             "lines_dropped_by_pattern": dropped_lines, "documents_without_text": len(empty),
+             "max_chunk_tokens": max(count_tokens(c.text) for c in train + val)}
+    return train, val, stats
+
+
+# --------------------------------------------------------------------------- queries
+
+def ict_queries(chunks: list[Chunk], cfg: PrepareConfig) -> dict[str, tuple[list[str], str]]:
+    return {c.id: ict_pairs(c, cfg.questions_per_chunk, cfg.seed) for c in chunks}
+
+
+class QuestionCache:
+    """Raw LLM outputs by key, in a JSONL file that grows by one flushed line per finished chunk."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.outputs: dict[str, str] = {}
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                    self.outputs[row["key"]] = row["output"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut by an interrupted run: that chunk is generated again
+
+    def add(self, rows: dict[str, str]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            for key, output in rows.items():
+                f.write(json.dumps({"key": key, "output": output}, ensure_ascii=False) + "\n")
+            f.flush()
+        self.outputs.update(rows)
+
+
+def model_fingerprint(spec: str, resolved: str) -> str:
+    """The spec plus, for a local folder, its config's mtime: retraining into the same folder invalidates the cache."""
+    config = Path(resolved) / "config.json"
+    return f"{spec}|{resolved}|{config.stat().st_mtime_ns if config.is_file() else ''}"
+
+
+def render_prompt(tokenizer, user: str) -> str:
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
+    return user + "\n\n1."  # a base model without a chat template: start the list for it
+
+
+def llm_queries(chunks: list[Chunk], cfg: PrepareConfig) -> tuple[dict[str, tuple[list[str], str]], dict]:
+    """Questions for each chunk from cfg.llm, generated in batches, cached, and parsed."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from llm_finetune.models import load_llm, resolve_llm
+
+    resolved = resolve_llm(cfg.llm)
+    model, tokenizer = load_llm(cfg.llm, dtype=torch.float32)
+    model.eval()
+    tokenizer.padding_side = "left"  # decoder-only: pad on the left so every row ends where generation starts
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    fingerprint = model_fingerprint(cfg.llm, resolved)
+    settings = json.dumps({"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                           "seed": cfg.seed if cfg.temperature > 0 else None, "n": cfg.questions_per_chunk})
+    prompts, keys = {}, {}
+    for c in chunks:
+        prompts[c.id] = render_prompt(tokenizer, question_prompt(c.text, cfg.questions_per_chunk))
+        keys[c.id] = hashlib.sha256("\x1f".join([fingerprint, prompts[c.id], c.text, settings]).encode()).hexdigest()
+    cache = QuestionCache(cfg.cache or tunerag_home() / "embeddings" / "question_cache.jsonl")
+    todo = [c for c in chunks if keys[c.id] not in cache.outputs]
+    prompt_tokens = sum(len(tokenizer(prompts[c.id], add_special_tokens=False)["input_ids"]) for c in todo)
+    logger.info("LLM questions: %d chunks, %d cached, %d to generate with %s: about %d prompt tokens + up to %d "
+                "new tokens (cache: %s)", len(chunks), len(chunks) - len(todo), len(todo), cfg.llm, prompt_tokens,
+                len(todo) * cfg.max_new_tokens, cache.path)
+    # Long prompts together waste less padding; the order does not change greedy outputs.
+    todo.sort(key=lambda c: len(prompts[c.id]))
+    started = time.perf_counter()
+    with tqdm(total=len(todo), desc="generating questions", unit="chunk", disable=not todo) as bar:
+        for b in range(0, len(todo), cfg.batch_size):
+            batch = todo[b: b + cfg.batch_size]
+            enc = tokenizer([prompts[c.id] for c in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            if cfg.temperature > 0:  # seeded by the batch's content, so a resumed run draws the same
+                torch.manual_seed(stable_rng(cfg.seed, *(keys[c.id] for c in batch)).getrandbits(63))
+            with torch.inference_mode():
+                generated = model.generate(
+                    **enc, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
+                    temperature=cfg.temperature if cfg.temperature > 0 else None, top_p=None, top_k=None,
+                    pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            cache.add({keys[c.id]: t for c, t in zip(batch, texts)})
+            bar.update(len(batch))
+            if b == 0 and len(todo) > len(batch):
+                per_chunk = (time.perf_counter() - started) / len(batch)
+                logger.info("first batch: %.1f s per chunk; estimate %.0f s for the remaining %d chunks",
+                            per_chunk, per_chunk * (len(todo) - len(batch)), len(todo) - len(batch))
+    totals = {"kept": 0, "not_question": 0, "too_short": 0, "duplicate": 0, "extra": 0}
+    result = {}
+    for c in chunks:
+        questions, counts = parse_questions(cache.outputs[keys[c.id]], cfg.questions_per_chunk)
+        for k, v in counts.items():
+            totals[k] += v
+        result[c.id] = (questions, c.text)
+    stats = {"generated": len(todo), "from_cache": len(chunks) - len(todo),
+             "generation_seconds": round(time.perf_counter() - started, 1), "parsed": totals}
+    return result, stats
+
+
+# --------------------------------------------------------------------------- main
+
+def build_pairs(chunks: list[Chunk], queries: dict[str, tuple[list[str], str]]) -> tuple[Pairs, int]:
+    """(pairs, chunks that gave no query); such chunks still join the corpus as distractors."""
+    pairs, empty = Pairs(), 0
+    for c in chunks:
+        qs, passage = queries[c.id]
+        empty += not qs
+        pairs.add(c.id, passage, qs)
+    return pairs, empty
+
+
+def config_dict(cfg) -> dict:
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def main(cfg: PrepareConfig) -> dict:
+    logger.info("prepare: %s", config_dict(cfg))
+    started = time.perf_counter()
+    if cfg.qa_file is not None:
+        qa, skipped = read_qa_file(cfg.qa_file)
+        if skipped:
+            logger.warning("%d record(s) of %s skipped: empty question or answer", skipped, cfg.qa_file)
+        train, val = qa_to_pairs(qa, cfg.val_fraction, cfg.seed)
+        stats = {"source": "qa_file", "records": len(qa) + skipped, "records_skipped": skipped}
+    else:
+        train_chunks, val_chunks, stats = document_chunks(cfg)
+        chunks = train_chunks + val_chunks
+        logger.info("%d chunks (%d train, %d val), at most %d tokens each (split by %s)", len(chunks),
+                    len(train_chunks), len(val_chunks), stats["max_chunk_tokens"], stats["split"])
+        if cfg.generator == "ict":
+            queries = ict_queries(chunks, cfg)
+        else:
+            queries, stats["llm"] = llm_queries(chunks, cfg)
+            parsed = stats["llm"]["parsed"]
+            dropped = sum(v for k, v in parsed.items() if k != "kept")
+            logger.info("parsed %d questions from %d chunks; dropped %d lines (%s)", parsed["kept"], len(chunks),
+                        dropped, ", ".join(f"{k} {v}" for k, v in parsed.items() if k != "kept"))
+        train, empty_train = build_pairs(train_chunks, queries)
+        val, empty_val = build_pairs(val_chunks, queries)
+        stats.update(source="documents", generator=cfg.generator, chunks_train=len(train_chunks),
+                     chunks_val=len(val_chunks), chunks_without_query=empty_train + empty_val)
+        if empty_train + empty_val:
+            logger.warning("%d of %d chunks gave no usable query (kept in the corpus as distractors)",
+                           empty_train + empty_val, len(chunks))
+    if not train.queries or not val.queries:
+        side = "train" if not train.queries else "val"
+        raise TuneragError(f"no usable queries on the {side} side (see the counts above); "
+                           "try --generator ict, another --llm, or more documents")
+    stats.update(train_queries=len(train.queries), train_passages=len(train.corpus),
+                 val_queries=len(val.queries), val_passages=len(val.corpus),
+                 seconds=round(time.perf_counter() - started, 1), config=config_dict(cfg))
+    write_json_atomic(cfg.out / "train.json", train.to_json())
+    write_json_atomic(cfg.out / "val.json", val.to_json())
+    write_json_atomic(cfg.out / "prepare_stats.json", stats)
+    logger.info("wrote %s (%d queries, %d passages) and %s (%d queries, %d passages)", cfg.out / "train.json",
+                len(train.queries), len(train.corpus), cfg.out / "val.json", len(val.queries), len(val.corpus))
+    return stats
+
+
+if __name__ == "__main__":
+    run_cli(main, PrepareConfig)
