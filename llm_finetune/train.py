@@ -77,6 +77,7 @@ def load_qlora_model(cfg: TrainConfig, base_path: str, cuda: bool):
         # each data-parallel process holds its own full copy on its own GPU
         device_map={"": PartialState().local_process_index} if cuda else None,
     )
+    disable_cpu_inference_packing(model)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
@@ -94,6 +95,22 @@ def load_qlora_model(cfg: TrainConfig, base_path: str, cuda: bool):
         if p.requires_grad:
             p.data = p.data.float()  # the trained head stays float32 under bf16 autocast: no fp16 unscale errors
     return model
+
+
+def disable_cpu_inference_packing(model) -> None:
+    """Keep bitsandbytes' 4-bit layers trainable after an evaluation on the CPU.
+
+    On CPUs with AVX512-BF16, a Linear4bit that runs in eval mode repacks its weight for a faster
+    inference kernel (gemv_4bit) that has no backward. The training steps that follow an
+    evaluation then drop the gradient through every frozen 4-bit layer (torch only warns "an
+    autograd kernel was not registered"), and a checkpoint save unpacks the weight again with
+    slightly different numerics, so a resumed run would not repeat the original one.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def recorded_base(spec: str) -> str:
@@ -131,6 +148,9 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, train_set, val_set, cuda: b
         seed=cfg.seed, data_seed=cfg.seed, remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding", ddp_find_unused_parameters=False,
         dataloader_pin_memory=cuda,
+        # without it, processes started by torchrun on a machine with no GPU each train alone instead
+        # of joining one gloo process group
+        use_cpu=not cuda,
     )
     trainer = QLoRATrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
                            data_collator=make_collator(tokenizer), processing_class=tokenizer, callbacks=list(callbacks))
@@ -169,12 +189,15 @@ def drop_incomplete_checkpoints(out: Path, keep: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def loss_curves(log_history: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
-    return {
-        "train": [{"step": e["step"], "loss": e["loss"]} for e in log_history if "loss" in e],
-        "eval": [{"step": e["step"], "loss": e["eval_loss"], "perplexity": e["eval_perplexity"]}
-                 for e in log_history if "eval_loss" in e],
-    }
+def loss_curves(log_history: list[dict[str, Any]], eval_before: dict[str, float]) -> dict[str, list[dict[str, float]]]:
+    """Training loss per logging step; evaluation loss and perplexity from step 0 (before training)
+    on, one point per step (the final evaluation repeats the last in-training one when they coincide)."""
+    evals = {0: {"step": 0, "loss": eval_before["eval_loss"], "perplexity": eval_before["eval_perplexity"]}}
+    for e in log_history:
+        if "eval_loss" in e:
+            evals[e["step"]] = {"step": e["step"], "loss": e["eval_loss"], "perplexity": e["eval_perplexity"]}
+    return {"train": [{"step": e["step"], "loss": e["loss"]} for e in log_history if "loss" in e],
+            "eval": [evals[step] for step in sorted(evals)]}
 
 
 def save_final(trainer, tokenizer, out: Path, files: dict[str, Any]) -> None:
@@ -256,7 +279,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         "eval_loss_before": eval_before["eval_loss"], "eval_loss_after": eval_after["eval_loss"],
         "global_step": trainer.state.global_step, "train": train_result.metrics,
         "train_tokens": trainer.state.num_input_tokens_seen,
-        "curves": loss_curves(trainer.state.log_history), "log_history": trainer.state.log_history,
+        "curves": loss_curves(trainer.state.log_history, eval_before), "log_history": trainer.state.log_history,
     }
     save_final(trainer, tokenizer, out, {"run_config.json": dataclasses.asdict(cfg), "metrics.json": metrics})
     if trainer.is_world_process_zero():

@@ -57,3 +57,36 @@ def sample_qa() -> Path:
 @pytest.fixture(scope="session")
 def sample_alpaca() -> Path:
     return DATA / "finance_alpaca.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tied(tmp_path_factory, tiny_mistral) -> Path:
+    """A 2-layer random Llama with TIED input/output embeddings (like SmolLM2) and the Mistral tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_llama_tied")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for f in tiny_mistral.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_qlora_run(tmp_path_factory, tiny_mistral, sample_alpaca) -> Path:
+    """A finished 6-step QLoRA run (real 4-bit NF4) of the tiny Mistral: checkpoints at steps 3 and 6."""
+    from llm_finetune.config import TrainConfig
+    from llm_finetune.train import main
+
+    out = tmp_path_factory.mktemp("qlora_run") / "run"
+    main(TrainConfig(base_model=str(tiny_mistral), data=str(sample_alpaca), val_size=8, max_length=128,
+                     max_steps=6, batch_size=2, grad_accum=1, lr=1e-2, eval_steps=3, save_steps=3,
+                     logging_steps=1, out=str(out)))
+    return out
