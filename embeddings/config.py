@@ -46,7 +46,7 @@ class PrepareConfig:
     max_chunks: int = field(default=0, metadata={
         "help": "Use only the first N chunks of each side (0: all); to bound LLM generation time."})
     batch_size: int = field(default=8, metadata={"help": "Chunks per LLM generation batch."})
-    max_new_tokens: int = field(default=96, metadata={"help": "LLM tokens generated per chunk."})
+    max_new_tokens: int = field(default=64, metadata={"help": "LLM tokens generated per chunk (a question is about 20)."})
     temperature: float = field(default=0.0, metadata={"help": "0: greedy decoding; >0: sampling seeded by --seed."})
     cache: Path | None = field(default=None, metadata={
         "help": "JSONL cache of generated questions (resumes interrupted runs); "
@@ -89,9 +89,9 @@ class FinetuneConfig:
     val: Path = field(metadata={"help": "val.json, same layout; scored every --eval-steps and picks the best checkpoint."})
     model: str = field(default=MINILM, metadata={"help": "Base embedder: a local folder, a hub id, or the embedded 'minilm'."})
     out: Path = field(default=Path("models/emb-tuned"), metadata={"help": "Folder for the tuned model (SentenceTransformer(out) loads it)."})
-    epochs: float = field(default=10.0, metadata={"help": "Training epochs."})
+    epochs: float = field(default=4.0, metadata={"help": "Training epochs."})
     batch_size: int = field(default=32, metadata={"help": "Pairs per batch; every other passage in the batch is a negative."})
-    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (linear decay)."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (linear decay)."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Share of steps spent warming up the learning rate."})
     eval_steps: int = field(default=0, metadata={"help": "Evaluate on --val every N steps (0: once per epoch)."})
     hard_negatives: int = field(default=0, metadata={

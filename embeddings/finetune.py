@@ -69,7 +69,7 @@ def main(cfg: FinetuneConfig) -> dict:
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer import losses
-    from sentence_transformers.training_args import BatchSamplers
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
     from transformers import set_seed
 
     from embeddings.models import load_embedder
@@ -97,6 +97,9 @@ def main(cfg: FinetuneConfig) -> dict:
             dataset, model, corpus=list(train.corpus.values()), num_negatives=cfg.hard_negatives,
             relative_margin=0.05, sampling_strategy="top", output_format="n-tuple", batch_size=64, verbose=False)
         logger.info("mined hard negatives: %d of %d pairs kept a negative", len(dataset), len(anchors))
+        if len(dataset) < 2:
+            raise TuneragError(f"hard-negative mining kept {len(dataset)} of {len(anchors)} pairs (no passage was far "
+                               "enough below the positive); lower --hard-negatives or pass 0")
 
     # 3. The loss: in-batch negatives
     if cfg.cached_loss:
@@ -104,7 +107,7 @@ def main(cfg: FinetuneConfig) -> dict:
     else:
         loss = losses.MultipleNegativesRankingLoss(model)
     if cfg.matryoshka_dims:
-        dim = model.get_sentence_embedding_dimension()
+        dim = model.get_embedding_dimension()
         if max(cfg.matryoshka_dims) > dim:
             raise TuneragError(f"--matryoshka-dims {cfg.matryoshka_dims} exceed the model's {dim} dimensions")
         loss = losses.MatryoshkaLoss(model, loss, matryoshka_dims=sorted(set(cfg.matryoshka_dims), reverse=True))

@@ -1,0 +1,175 @@
+"""Benchmark of the embeddings loop on the shipped sample document: prepare -> finetune -> evaluate.
+
+    python scripts/bench_embeddings.py > bench_embeddings.json            # both generators, ~30 min on 2 cores
+    python scripts/bench_embeddings.py --generator ict --no-bare          # the fast loop only
+
+For each generator (ict, llm): pairs from data/finance_report.txt split by position (the last 20% of
+the text is val), fine-tune with the FinetuneConfig defaults, then base vs tuned on
+  - val: the held-out synthetic queries over the held-out chunks, and
+  - qa: the 66 hand-written questions of data/finance_qa.json over every chunk of the document
+    (a chunk is relevant when it holds the question's `passage`).
+Also: wall time per phase, training pairs/s, peak RSS, and (--bare) the same training run as a bare
+SentenceTransformerTrainer script on the same data, for our throughput relative to it.
+Prints one JSON object on stdout and a short table on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from embeddings.config import FinetuneConfig, PrepareConfig  # noqa: E402
+from embeddings.data import Pairs, chunk_sentences, clean_text, load_pairs, split_sentences  # noqa: E402
+from llm_finetune.common import parse_config  # noqa: E402
+
+logger = logging.getLogger("bench_embeddings")
+
+
+@dataclass
+class BenchConfig:
+    """Benchmark prepare -> finetune -> evaluate on the sample finance document."""
+
+    doc: Path = field(default=REPO / "data" / "finance_report.txt", metadata={"help": "Document to train on."})
+    qa: Path = field(default=REPO / "data" / "finance_qa.json", metadata={"help": "Hand-written questions with their passages."})
+    generator: list[str] = field(default_factory=lambda: ["ict", "llm"], metadata={"help": "Generators to run (repeatable)."})
+    max_chunks: int = field(default=0, metadata={"help": "Limit chunks per side for the llm generator (0: all)."})
+    bare: bool = field(default=True, metadata={"help": "Also time a bare SentenceTransformerTrainer on the ict data."})
+    epochs: float = field(default=FinetuneConfig.epochs, metadata={"help": "Training epochs."})
+    batch_size: int = field(default=FinetuneConfig.batch_size, metadata={"help": "Training batch size."})
+    learning_rate: float = field(default=FinetuneConfig.learning_rate, metadata={"help": "Learning rate."})
+    work: Path | None = field(default=None, metadata={"help": "Working folder (default: a temp folder)."})
+    seed: int = field(default=42, metadata={"help": "Seed."})
+
+
+def peak_rss_mib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def qa_pairs_over_chunks(doc: Path, qa_path: Path, prepare_cfg: PrepareConfig) -> Pairs:
+    """The hand-written questions against every chunk of the document, chunked as prepare chunks it."""
+    from embeddings.prepare import embedder_token_counter
+
+    count_tokens, limit = embedder_token_counter(prepare_cfg.embedder, prepare_cfg.chunk_tokens)
+    lines, _ = clean_text(doc.read_text(encoding="utf-8"))
+    chunks = chunk_sentences(split_sentences(lines), count_tokens, limit, prepare_cfg.chunk_overlap, "all")
+    pairs = Pairs(corpus={c.id: c.text for c in chunks})
+    for item in json.loads(qa_path.read_text(encoding="utf-8")):
+        passage = " ".join(item["passage"].split())
+        relevant = [c.id for c in chunks if passage in c.text]
+        if not relevant:  # a passage cut by a chunk border: the chunks that hold its answer and its start
+            relevant = [c.id for c in chunks if item["answer"] in c.text and passage[:40] in c.text]
+        if relevant:
+            pairs.queries[item["id"]] = item["question"]
+            pairs.relevant_docs[item["id"]] = relevant
+    return pairs
+
+
+def bare_trainer(train_json: Path, val_json: Path, out: Path, cfg: BenchConfig) -> dict:
+    """The same training as embeddings.finetune, written as a plain sentence-transformers script."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+    from sentence_transformers.util import cos_sim
+    from transformers import set_seed
+
+    from embeddings.models import minilm_folder
+
+    set_seed(cfg.seed)
+    train, val = json.loads(train_json.read_text()), json.loads(val_json.read_text())
+    anchors = [train["queries"][q] for q, cs in train["relevant_docs"].items() for _ in cs]
+    positives = [train["corpus"][c] for q, cs in train["relevant_docs"].items() for c in cs]
+    model = SentenceTransformer(str(minilm_folder()))
+    evaluator = InformationRetrievalEvaluator(
+        val["queries"], val["corpus"], {q: set(c) for q, c in val["relevant_docs"].items()}, name="val",
+        score_functions={"cosine": cos_sim}, main_score_function="cosine", write_csv=False)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out), num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, warmup_ratio=FinetuneConfig.warmup_ratio,
+        batch_sampler=BatchSamplers.NO_DUPLICATES, eval_strategy="epoch", save_strategy="epoch", save_total_limit=1,
+        save_only_model=True, load_best_model_at_end=True, metric_for_best_model="eval_val_cosine_ndcg@10",
+        logging_steps=10, report_to="none", seed=cfg.seed, data_seed=cfg.seed)
+    trainer = SentenceTransformerTrainer(model=model, args=args, loss=MultipleNegativesRankingLoss(model),
+                                         train_dataset=Dataset.from_dict({"anchor": anchors, "positive": positives}),
+                                         evaluator=evaluator)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    return {"train_seconds": round(seconds, 2), "pairs_per_second": round(len(anchors) * cfg.epochs / seconds, 2),
+            "val_ndcg@10": round(evaluator(model)["val_cosine_ndcg@10"], 4)}
+
+
+def main(cfg: BenchConfig) -> dict:
+    import torch
+    from transformers import set_seed
+
+    from embeddings import evaluate, finetune, prepare
+    from embeddings.models import MINILM, load_embedder
+
+    set_seed(cfg.seed)
+    work = Path(cfg.work or tempfile.mkdtemp(prefix="bench_embeddings-"))
+    t0 = time.perf_counter()
+    results: dict = {}
+    base = load_embedder(MINILM)
+    qa = qa_pairs_over_chunks(cfg.doc, cfg.qa, PrepareConfig(docs=[cfg.doc]))
+    base_qa = evaluate.score(base, qa)
+    for gen in cfg.generator:
+        r: dict = {}
+        started = time.perf_counter()
+        stats = prepare.main(PrepareConfig(docs=[cfg.doc], out=work / f"pairs-{gen}", generator=gen, seed=cfg.seed,
+                                           max_chunks=cfg.max_chunks if gen == "llm" else 0,
+                                           cache=work / "question_cache.jsonl"))
+        r["prepare_seconds"] = round(time.perf_counter() - started, 1)
+        r["pairs"] = {k: stats[k] for k in ("chunks_train", "chunks_val", "train_queries", "val_queries", "chunks_without_query")}
+        if "llm" in stats:
+            r["pairs"]["llm"] = stats["llm"]
+        started = time.perf_counter()
+        metrics = finetune.main(FinetuneConfig(
+            train=work / f"pairs-{gen}" / "train.json", val=work / f"pairs-{gen}" / "val.json", out=work / f"model-{gen}",
+            epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed))
+        r["finetune_seconds"] = round(time.perf_counter() - started, 1)
+        r["train_pairs_per_second"] = metrics["pairs_per_second"]
+        r["steps"] = metrics["steps"]
+        started = time.perf_counter()
+        val = load_pairs(work / f"pairs-{gen}" / "val.json")
+        tuned = load_embedder(str(work / f"model-{gen}"))
+        r["val"] = {"base": evaluate.score(base, val), "tuned": evaluate.score(tuned, val)}
+        r["qa"] = {"base": base_qa, "tuned": evaluate.score(tuned, qa)}
+        r["evaluate_seconds"] = round(time.perf_counter() - started, 1)
+        r["loop_seconds"] = round(r["prepare_seconds"] + r["finetune_seconds"] + r["evaluate_seconds"], 1)
+        r["peak_rss_mib"] = peak_rss_mib()
+        results[gen] = r
+        if gen == "ict" and cfg.bare:
+            bare = bare_trainer(work / "pairs-ict" / "train.json", work / "pairs-ict" / "val.json", work / "bare", cfg)
+            r["bare_trainer"] = bare
+            r["throughput_vs_bare"] = round(r["train_pairs_per_second"] / bare["pairs_per_second"], 3)
+    out = {"bench": "embeddings", "config": json.loads(json.dumps(asdict(cfg), default=str)), "device": "cpu",
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "qa_questions": len(qa.queries),
+           "qa_passages": len(qa.corpus), "results": results, "seconds": round(time.perf_counter() - t0, 1)}
+    print(json.dumps(out, default=str))
+    lines = [f"{'generator':<9} {'set':<4} {'NDCG@10 base->tuned':>20} {'acc@1 base->tuned':>18} {'loop s':>7} {'pairs/s':>8}"]
+    for gen, r in results.items():
+        for split in ("val", "qa"):
+            b, t = r[split]["base"], r[split]["tuned"]
+            lines.append(f"{gen:<9} {split:<4} {b['ndcg@10']:>9.3f} -> {t['ndcg@10']:.3f} {b['accuracy@1']:>8.3f} -> "
+                         f"{t['accuracy@1']:.3f} {r['loop_seconds']:>7.0f} {r['train_pairs_per_second']:>8.1f}")
+        if "throughput_vs_bare" in r:
+            lines.append(f"  bare SentenceTransformerTrainer: {r['bare_trainer']['pairs_per_second']} pairs/s; "
+                         f"ours/bare = {r['throughput_vs_bare']}")
+    print("\n".join(lines), file=sys.stderr)
+    return out
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    main(parse_config(BenchConfig, prog="python scripts/bench_embeddings.py"))

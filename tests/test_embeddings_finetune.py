@@ -1,0 +1,108 @@
+"""embeddings.finetune: a few steps on a tiny random BERT (the real MiniLM tokenizer), the output
+folder, the model card and metrics, every loss option, and bad input before any training."""
+
+import json
+
+import pytest
+
+from embeddings.config import FinetuneConfig
+from embeddings.data import Chunk, Pairs, chunk_sentences, clean_text, ict_pairs, load_pairs, split_sentences, write_json_atomic
+from embeddings.finetune import main
+from llm_finetune.common import TuneragError, parse_config
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, minilm_path):
+    """A 1-layer, 16-wide random BERT with MiniLM's tokenizer; SentenceTransformer adds mean pooling."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    tokenizer.save_pretrained(folder)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=256)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def pair_files(tmp_path_factory, sample_doc):
+    """ICT pairs from the sample document: 24 train chunks, 6 val chunks (word counts stand in for tokens)."""
+    folder = tmp_path_factory.mktemp("pairs")
+    lines, _ = clean_text(sample_doc.read_text())
+    chunks = chunk_sentences(split_sentences(lines), lambda t: len(t.split()), 60, 0)[:30]
+    sides = {"train": Pairs(), "val": Pairs()}
+    for c in chunks:
+        queries, passage = ict_pairs(c, 2, seed=0)
+        sides["train" if c.index < 24 else "val"].add(c.id, passage, queries)
+    for name, pairs in sides.items():
+        write_json_atomic(folder / f"{name}.json", pairs.to_json())
+    return folder / "train.json", folder / "val.json"
+
+
+def test_finetune_writes_a_loadable_model_with_card_and_metrics(tiny_bert, pair_files, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    train, val = pair_files
+    out = tmp_path / "tuned"
+    metrics = main(FinetuneConfig(train=train, val=val, model=str(tiny_bert), out=out, epochs=2, batch_size=16,
+                                  learning_rate=1e-3, eval_steps=2))
+    assert {"README.md", "metrics.json", "run_config.json", "modules.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    assert [p.name for p in tmp_path.iterdir()] == ["tuned"]  # no checkpoint or temp folder left
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["before"]["val_cosine_ndcg@10"] == metrics["before"]["val_cosine_ndcg@10"]
+    assert saved["steps"] == 6 and saved["data"]["train_pairs"] == len(load_pairs(train).queries)
+    # the best checkpoint is the one kept: its score is the best validation NDCG@10 seen during training
+    assert metrics["after"]["val_cosine_ndcg@10"] >= metrics["before"]["val_cosine_ndcg@10"] - 1e-6 or metrics["best_checkpoint"]
+    card = (out / "README.md").read_text()
+    assert "tunerag fine-tuning record" in card and str(tiny_bert) in card and "| ndcg@10 |" in card
+    model = SentenceTransformer(str(out))
+    assert model.encode(["What was total revenue?"]).shape == (1, 16)
+
+
+def test_loss_options_cached_and_matryoshka(tiny_bert, pair_files, tmp_path):
+    train, val = pair_files
+    metrics = main(FinetuneConfig(train=train, val=val, model=str(tiny_bert), out=tmp_path / "m", epochs=1,
+                                  batch_size=8, cached_loss=True, mini_batch_size=4, matryoshka_dims=[16, 8]))
+    assert metrics["steps"] >= 1
+    assert json.loads((tmp_path / "m" / "run_config.json").read_text())["matryoshka_dims"] == [16, 8]
+    with pytest.raises(TuneragError, match="exceed the model's 16 dimensions"):
+        main(FinetuneConfig(train=train, val=val, model=str(tiny_bert), out=tmp_path / "n", matryoshka_dims=[32]))
+    assert not (tmp_path / "n").exists()
+
+
+def test_hard_negatives_mined_with_the_base_model(minilm_path, tiny_bert, pair_files, tmp_path):
+    train, val = pair_files
+    metrics = main(FinetuneConfig(train=train, val=val, model=str(minilm_path), out=tmp_path / "m", epochs=0.3,
+                                  batch_size=8, hard_negatives=1))
+    assert 2 <= metrics["data"]["train_pairs"] <= len(load_pairs(train).queries)
+    # a random model sees every passage as equally close: nothing passes the margin, and it says so
+    with pytest.raises(TuneragError, match=r"hard-negative mining kept 0 of \d+ pairs"):
+        main(FinetuneConfig(train=train, val=val, model=str(tiny_bert), out=tmp_path / "n", hard_negatives=1))
+    assert not (tmp_path / "n").exists()
+
+
+def test_bad_inputs_fail_before_training(tiny_bert, pair_files, tmp_path):
+    train, val = pair_files
+    broken = json.loads(val.read_text())
+    broken["relevant_docs"] = {q: ["nowhere#0"] for q in broken["relevant_docs"]}
+    write_json_atomic(tmp_path / "bad_val.json", broken)
+    with pytest.raises(TuneragError, match="relevant corpus ids are not in its corpus"):
+        main(FinetuneConfig(train=train, val=tmp_path / "bad_val.json", model=str(tiny_bert), out=tmp_path / "o"))
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(TuneragError, match="LlamaIndex EmbeddingQAFinetuneDataset layout"):
+        main(FinetuneConfig(train=tmp_path / "list.json", val=val, model=str(tiny_bert), out=tmp_path / "o"))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    with pytest.raises(TuneragError, match="exists and is not empty"):
+        main(FinetuneConfig(train=train, val=val, model=str(tiny_bert), out=tmp_path / "full"))
+    with pytest.raises(TuneragError, match="does not exist"):
+        main(FinetuneConfig(train=train, val=val, model=str(tmp_path / "no_model"), out=tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_flags_parse_and_check():
+    cfg = parse_config(FinetuneConfig, ["--train", "t.json", "--val", "v.json", "--matryoshka-dims", "384",
+                                        "--matryoshka-dims", "64", "--cached-loss", "--hard-negatives", "2"])
+    assert cfg.matryoshka_dims == [384, 64] and cfg.cached_loss and cfg.hard_negatives == 2
+    with pytest.raises(SystemExit):
+        parse_config(FinetuneConfig, ["--train", "t.json", "--val", "v.json", "--batch-size", "1"])

@@ -1,0 +1,129 @@
+"""embeddings.prepare end to end: real MiniLM tokenizer, ICT, the LLM generator on a tiny random
+Mistral (junk output: parsing and counting) and on the embedded SmolLM2, and the bad-input list."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from embeddings.config import PrepareConfig
+from embeddings.data import load_pairs
+from embeddings.prepare import main
+from llm_finetune.common import TuneragError, parse_config
+
+REPORT = """QUARTERLY REPORT
+
+Revenue grew to 4.2 billion dollars in the quarter, driven by higher net interest income. Net interest margin widened to 3.1% as deposit costs stabilised. Fee income from wealth management rose 8% on higher assets under management.
+
+Credit quality stayed strong across the loan book. Net charge-offs were 0.31% of average loans, below the industry average. The allowance for credit losses covered 1.4% of loans at quarter end.
+
+Confidential - do not distribute.
+The bank repurchased 2.5 million shares during the quarter. The board declared a quarterly dividend of 0.52 dollars per share. Management expects expenses to stay flat next year.
+"""
+
+
+@pytest.fixture()
+def two_docs(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "q1.txt").write_text(REPORT)
+    (folder / "q2.md").write_text(REPORT.replace("quarter", "half year").replace("4.2", "8.9"))
+    return folder
+
+
+def test_ict_on_the_sample_document(tmp_path, sample_doc, minilm_path):
+    stats = main(PrepareConfig(docs=[sample_doc], out=tmp_path / "a", generator="ict"))
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["prepare_stats.json", "train.json", "val.json"]
+    train, val = load_pairs(tmp_path / "a" / "train.json"), load_pairs(tmp_path / "a" / "val.json")
+    assert stats["split"] == "position" and stats["max_chunk_tokens"] <= 128
+    assert len(train.corpus) > 3 * len(val.corpus) > 0 and len(train.queries) > 50
+    assert not set(train.corpus) & set(val.corpus)
+    assert all(cid.startswith("finance_report.txt:train#") for cid in train.corpus)
+    # ICT: the query sentence is in the document but not in its passage
+    qid, query = next(iter(train.queries.items()))
+    assert query in " ".join(sample_doc.read_text().split()) and query not in train.corpus[train.relevant_docs[qid][0]]
+    # deterministic for a seed, different for another
+    main(PrepareConfig(docs=[sample_doc], out=tmp_path / "b", generator="ict"))
+    main(PrepareConfig(docs=[sample_doc], out=tmp_path / "c", generator="ict", seed=7))
+    text = lambda d: (tmp_path / d / "train.json").read_text()  # noqa: E731
+    assert text("a") == text("b") != text("c")
+
+
+def test_split_by_document_and_drop_pattern(two_docs, tmp_path):
+    stats = main(PrepareConfig(docs=[two_docs], out=tmp_path / "out", generator="ict", questions_per_chunk=1,
+                               chunk_tokens=40, chunk_overlap=0, drop_pattern=["(?i)confidential"]))
+    assert stats["split"] == "document" and stats["lines_dropped_by_pattern"] == 2
+    train, val = load_pairs(tmp_path / "out" / "train.json"), load_pairs(tmp_path / "out" / "val.json")
+    train_docs = {cid.split("#")[0] for cid in train.corpus}
+    val_docs = {cid.split("#")[0] for cid in val.corpus}
+    assert len(train_docs) == len(val_docs) == 1 and train_docs != val_docs
+    assert not any("Confidential" in t for t in [*train.corpus.values(), *train.queries.values()])
+
+
+def test_qa_file_becomes_pairs(tmp_path, sample_qa):
+    stats = main(PrepareConfig(qa_file=sample_qa, out=tmp_path / "qa"))
+    assert stats["source"] == "qa_file" and stats["train_queries"] + stats["val_queries"] == 66
+    val = load_pairs(tmp_path / "qa" / "val.json")
+    assert "$415 million" in load_pairs(tmp_path / "qa" / "train.json").corpus.values() or "$415 million" in val.corpus.values()
+
+
+def test_llm_junk_is_counted_and_nothing_half_written(tiny_mistral, two_docs, tmp_path, caplog):
+    cache = tmp_path / "cache.jsonl"
+    cfg = PrepareConfig(docs=[two_docs], out=tmp_path / "out", llm=str(tiny_mistral), chunk_tokens=40, chunk_overlap=0,
+                        max_chunks=1, max_new_tokens=12, cache=cache)
+    caplog.set_level("INFO")
+    with pytest.raises(TuneragError, match="no usable queries on the train side") as e:
+        main(cfg)  # random weights write no questions
+    assert "\n" not in str(e.value)
+    assert "gave no usable query" in caplog.text and "dropped" in caplog.text
+    assert not (tmp_path / "out" / "train.json").exists()
+    lines = cache.read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["output"] for line in lines)
+    caplog.clear()
+    with pytest.raises(TuneragError):
+        main(cfg)
+    assert "2 cached, 0 to generate" in caplog.text and cache.read_text().splitlines() == lines  # resumed, not redone
+
+
+def test_smollm2_writes_questions_and_resumes_from_cache(smollm2_path, two_docs, tmp_path):
+    cfg = PrepareConfig(docs=[two_docs], out=tmp_path / "a", chunk_tokens=40, chunk_overlap=0, max_chunks=1,
+                        max_new_tokens=40, cache=tmp_path / "cache.jsonl")
+    stats = main(cfg)
+    llm = stats["llm"]
+    assert llm["generated"] == 2 and llm["parsed"]["kept"] >= 2
+    queries = list(load_pairs(tmp_path / "a" / "train.json").queries.values())
+    assert all(q.endswith("?") and len(q.split()) >= 3 for q in queries)
+    cfg.out = tmp_path / "b"
+    again = main(cfg)
+    assert again["llm"]["generated"] == 0 and again["llm"]["from_cache"] == 2
+    assert (tmp_path / "a" / "train.json").read_text() == (tmp_path / "b" / "train.json").read_text()
+
+
+def test_bad_documents_are_one_line(tmp_path, caplog):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(TuneragError, match="is empty"):
+        main(PrepareConfig(docs=[tmp_path / "empty.txt"], out=tmp_path / "o", generator="ict"))
+    with pytest.raises(TuneragError, match="does not exist"):
+        main(PrepareConfig(docs=[tmp_path / "missing.pdf"], out=tmp_path / "o", generator="ict"))
+    (tmp_path / "latin1.txt").write_bytes(REPORT.replace("Fee income", "Fee income \xe9").encode("latin-1"))
+    stats = main(PrepareConfig(docs=[tmp_path / "latin1.txt"], out=tmp_path / "o", generator="ict", chunk_tokens=40,
+                        chunk_overlap=0))
+    assert "not valid UTF-8: 1 undecodable byte" in caplog.text and stats["train_queries"] > 0
+    with pytest.raises(TuneragError, match="--drop-pattern leaves no text|no text left"):
+        main(PrepareConfig(docs=[tmp_path / "latin1.txt"], out=tmp_path / "p", generator="ict", drop_pattern=["."]))
+    assert not (tmp_path / "p").exists()
+
+
+def test_cli_error_is_one_line_and_help_works(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "embeddings.prepare", str(tmp_path / "nope.txt"), "--generator", "ict",
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: ") and "nope.txt" in run.stderr
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit):
+        parse_config(PrepareConfig, ["--chunk-overlap", "100", "x.txt"])
+    with pytest.raises(SystemExit):
+        parse_config(PrepareConfig, [])  # neither DOCS nor --qa-file
+    cfg = parse_config(PrepareConfig, ["a.txt", "b/", "--drop-pattern", "^Page", "--drop-pattern", "Confidential"])
+    assert [str(p) for p in cfg.docs] == ["a.txt", "b"] and cfg.drop_pattern == ["^Page", "Confidential"]
