@@ -153,6 +153,7 @@ def main(cfg: BenchConfig) -> dict:
             bare = bare_trainer(work / "pairs-ict" / "train.json", work / "pairs-ict" / "val.json", work / "bare", cfg)
             r["bare_trainer"] = bare
             r["throughput_vs_bare"] = round(r["train_pairs_per_second"] / bare["pairs_per_second"], 3)
+        logger.info("%s done: %s", gen, json.dumps(r, default=str))  # kept even if a later generator is interrupted
     out = {"bench": "embeddings", "config": json.loads(json.dumps(asdict(cfg), default=str)), "device": "cpu",
            "torch": torch.__version__, "threads": torch.get_num_threads(), "qa_questions": len(qa.queries),
            "qa_passages": len(qa.corpus), "results": results, "seconds": round(time.perf_counter() - t0, 1)}
