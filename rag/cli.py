@@ -146,6 +146,7 @@ class Answerer:
             from transformers import set_seed
 
             set_seed(cfg.seed)
+        self.tokenizer = tokenizer
         llm, self.stop = make_llm(model, tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
         window = context_window(model, tokenizer)
         if window <= cfg.max_new_tokens + 64:

@@ -79,13 +79,14 @@ def test_prompt_uses_system_role_when_the_template_has_one(chatml_tokenizer):
     prompt = render_prompt(chatml_tokenizer, docs(PASSAGES[0]), "What was the CET1 ratio?")
     assert prompt.startswith(f"<|im_start|>system\n{INSTRUCTIONS}<|im_end|>")
     assert "[1] At December 31, 2025 our CET1 ratio was 11.4%" in prompt
-    assert prompt.endswith("Question: What was the CET1 ratio?<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt.endswith("Question: What was the CET1 ratio?\nAnswer in one short sentence.<|im_end|>\n"
+                           "<|im_start|>assistant\n")
 
 
 def test_mistral_v01_template_gets_the_instructions_in_the_user_turn(mistral_tokenizer):
     prompt = render_prompt(mistral_tokenizer, docs(PASSAGES[0]), "What was the CET1 ratio?")
-    assert prompt.startswith(f"<s>[INST] {INSTRUCTIONS}\n\nPassages:\n[1] ")
-    assert prompt.endswith("Question: What was the CET1 ratio? [/INST]")
+    assert prompt.startswith(f"<s>[INST] {INSTRUCTIONS}\n\nQuestion: What was the CET1 ratio?\n\nPassages:\n[1] ")
+    assert prompt.endswith("Question: What was the CET1 ratio?\nAnswer in one short sentence. [/INST]")
     ids = mistral_tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert ids.count(mistral_tokenizer.bos_token_id) == 1  # the template's <s>, not doubled
 
@@ -96,7 +97,7 @@ def test_fit_drops_the_lowest_ranked_passages_first(mistral_tokenizer):
     two = count_tokens(mistral_tokenizer, render_prompt(mistral_tokenizer, ranked[:2], "CET1?"))
     prompt, kept = fit_prompt(mistral_tokenizer, ranked, "CET1?", max_prompt_tokens=two)
     assert kept == ranked[:2] and two < full
-    assert "Question: CET1?" in prompt and PASSAGES[2] not in prompt
+    assert prompt.count("Question: CET1?") == 2 and PASSAGES[2] not in prompt
     prompt, kept = fit_prompt(mistral_tokenizer, ranked, "CET1?", max_prompt_tokens=full)
     assert kept == ranked
 
