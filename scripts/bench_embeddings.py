@@ -109,7 +109,7 @@ def bare_trainer(train_json: Path, val_json: Path, out: Path, cfg: BenchConfig) 
             "val_ndcg@10": round(evaluator(model)["val_cosine_ndcg@10"], 4)}
 
 
-def main(cfg: BenchConfig) -> dict:
+def main(cfg: BenchConfig, json_out=None) -> dict:
     import torch
     from transformers import set_seed
 
@@ -157,7 +157,7 @@ def main(cfg: BenchConfig) -> dict:
     out = {"bench": "embeddings", "config": json.loads(json.dumps(asdict(cfg), default=str)), "device": "cpu",
            "torch": torch.__version__, "threads": torch.get_num_threads(), "qa_questions": len(qa.queries),
            "qa_passages": len(qa.corpus), "results": results, "seconds": round(time.perf_counter() - t0, 1)}
-    print(json.dumps(out, default=str))
+    print(json.dumps(out, default=str), file=json_out or sys.stdout)
     lines = [f"{'generator':<9} {'set':<4} {'NDCG@10 base->tuned':>20} {'acc@1 base->tuned':>18} {'loop s':>7} {'pairs/s':>8}"]
     for gen, r in results.items():
         for split in ("val", "qa"):
@@ -173,4 +173,9 @@ def main(cfg: BenchConfig) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    main(parse_config(BenchConfig, prog="python scripts/bench_embeddings.py"))
+    import contextlib
+
+    cfg = parse_config(BenchConfig, prog="python scripts/bench_embeddings.py")
+    real_stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # the trainer prints its logs; stdout carries one JSON object
+        result = main(cfg, json_out=real_stdout)
