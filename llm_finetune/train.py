@@ -3,7 +3,11 @@
     python -m llm_finetune.train --preset smollm2-cpu --out runs/smollm2
     python -m llm_finetune.train --out runs/mistral            # the reference recipe: Mistral-7B, finance-alpaca
     python -m llm_finetune.train --preset smollm2-cpu --out runs/smollm2 --resume     # after Ctrl-C or a crash
-    accelerate launch --num_processes 2 -m llm_finetune.train --preset smollm2-cpu --out runs/ddp   # data parallel
+    accelerate launch --multi_gpu --num_processes 2 -m llm_finetune.train --preset smollm2-cpu --out runs/ddp
+
+The last line is data parallel (one process per GPU; on a machine without a GPU, two CPU processes in
+one gloo group). With accelerate 1.15, `accelerate launch --cpu --num_processes 2` starts ONE process
+unless MPI is set up (its CPU multi-process path is mpirun), so use `--multi_gpu` (torchrun) for CPUs too.
 
 The run folder (--out) ends up with the adapter (adapter_model.safetensors, holding the trained
 lm_head too), adapter_config.json, the tokenizer, run_config.json (the resolved options) and
@@ -142,7 +146,8 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, train_set, val_set, cuda: b
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type="cosine",
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         optim="paged_adamw_8bit" if cuda else "adamw_torch", bf16=cuda,
-        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        # gradient checkpointing (non-reentrant); transformers 5 names it activation checkpointing
+        activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False},
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=cfg.keep_checkpoints, logging_steps=cfg.logging_steps, report_to="none",
         seed=cfg.seed, data_seed=cfg.seed, remove_unused_columns=False,
@@ -269,7 +274,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
                  if last else "no checkpoint was completed yet; the run must start over")
         logger.error("training stopped at step %d: %s", trainer.state.global_step, where)
         raise
-    eval_after = trainer.evaluate()
+    # the Trainer evaluates at its last step already (eval_strategy "steps"); no second pass on the same weights
+    final = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == trainer.state.global_step]
+    eval_after = final[-1] if final else trainer.evaluate()
     logger.info("after training: eval loss %.4f, perplexity %.2f", eval_after["eval_loss"], eval_after["eval_perplexity"])
 
     metrics = {

@@ -187,3 +187,12 @@ def test_data_parallel_under_accelerate_launch_two_cpu_processes(tiny_mistral, s
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["global_step"] == 2
     assert (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast and paged 8-bit AdamW need CUDA")
+def test_cuda_bf16_training_keeps_a_float32_head_and_still_runs(tiny_mistral, sample_alpaca, tmp_path):
+    out = tmp_path / "cuda"
+    metrics = main(small_cfg(tiny_mistral, sample_alpaca, out, max_steps=2, eval_steps=2, save_steps=2))
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert args.bf16 and args.optim.value == "paged_adamw_8bit"
+    assert metrics["eval_loss_after"] == metrics["eval_loss_after"]  # a forward pass after training, not NaN

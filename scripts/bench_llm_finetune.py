@@ -1,0 +1,143 @@
+"""Benchmark of llm_finetune end to end: the smollm2-cpu preset, then its merge, then a bare Trainer.
+
+    python scripts/bench_llm_finetune.py                      # the whole preset
+    python scripts/bench_llm_finetune.py --max-steps 6        # a short run (label it as such)
+
+Prints one JSON object on stdout (perplexity on the held-out split before/after, training tokens/s,
+peak memory, merge seconds, and our tokens/s as a ratio to a bare transformers Trainer run with the same
+model, 4-bit config, LoRA, examples and batch settings) and a short table on stderr.
+Tokens/s counts non-padding input tokens over the Trainer's running train_runtime at the last training
+step, in both runs; in-training evaluation and checkpoints are off for the timed run, and the
+Trainer's end-of-training evaluation comes after that log, so both runs time the same work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from llm_finetune.common import parse_config
+
+logger = logging.getLogger("bench_llm_finetune")
+
+
+@dataclass
+class BenchConfig:
+    """python scripts/bench_llm_finetune.py [--max-steps N]: train (smollm2-cpu), merge, and a bare-Trainer baseline."""
+
+    preset: str = field(default="smollm2-cpu", metadata={"help": "Training preset to benchmark."})
+    max_steps: int | None = field(default=None, metadata={"help": "Override the preset's steps (a short run)."})
+    baseline: bool = field(default=True, metadata={"help": "Also time a bare Trainer run for the tokens/s ratio."})
+    workdir: str | None = field(default=None, metadata={"help": "Where runs go (default: a temporary folder)."})
+    seed: int = field(default=42, metadata={"help": "Seed."})
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+def last_step_tokens_per_second(log_history: list[dict]) -> float:
+    """Tokens/s up to the last training step, from the Trainer's own per-step log (num_input_tokens_seen
+    over train_runtime). It is logged before the Trainer's end-of-training evaluation and checkpoint,
+    which a bare run without evaluation does not do, so both runs time the same work."""
+    last = [e for e in log_history if "loss" in e and "train_runtime" in e][-1]
+    return last["num_input_tokens_seen"] / last["train_runtime"]
+
+
+def bare_trainer_tokens_per_second(train_cfg, workdir: Path) -> dict:
+    """The same model, 4-bit config, LoRA, examples and batch settings through a plain Trainer: no chat
+    template bookkeeping, no evaluation, no checkpoints, labels from DataCollatorForLanguageModeling."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
+
+    from llm_finetune.data import build_examples, ensure_pad_token, load_rows, split_train_val
+    from llm_finetune.models import load_tokenizer, resolve_llm
+    from llm_finetune.train import bnb_config
+
+    set_seed(train_cfg.seed)
+    base = resolve_llm(train_cfg.base_model)
+    tokenizer = load_tokenizer(base)
+    ensure_pad_token(tokenizer)
+    train_rows, _ = split_train_val(load_rows(train_cfg.data), train_cfg.val_size, train_cfg.seed)
+    examples = [{"input_ids": e["input_ids"]} for e in build_examples(tokenizer, train_rows, train_cfg.max_length)]
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb_config(torch.float32), dtype=torch.float32)
+    model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(
+        r=train_cfg.lora_r, lora_alpha=train_cfg.lora_alpha, lora_dropout=train_cfg.lora_dropout, bias="none",
+        target_modules=list(train_cfg.lora_targets), modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
+    args = TrainingArguments(
+        output_dir=str(workdir / "bare"), per_device_train_batch_size=train_cfg.batch_size,
+        gradient_accumulation_steps=train_cfg.grad_accum, learning_rate=train_cfg.lr, lr_scheduler_type="cosine",
+        max_steps=train_cfg.max_steps, gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, optim="adamw_torch", save_strategy="no",
+        eval_strategy="no", logging_steps=train_cfg.logging_steps, report_to="none", seed=train_cfg.seed,
+        data_seed=train_cfg.seed, include_num_input_tokens_seen="non_padding", use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    result = trainer.train()
+    return {"train_tokens": trainer.state.num_input_tokens_seen, "train_seconds": result.metrics["train_runtime"],
+            "tokens_per_second": last_step_tokens_per_second(trainer.state.log_history)}
+
+
+def main(cfg: BenchConfig) -> dict:
+    import torch
+
+    from llm_finetune import merge, train
+    from llm_finetune.config import MergeConfig, TrainConfig
+
+    t0 = time.perf_counter()
+    workdir = Path(cfg.workdir or tempfile.mkdtemp(prefix="bench_llm_finetune-"))
+    overrides = {"max_steps": cfg.max_steps} if cfg.max_steps else {}
+    probe = TrainConfig(preset=cfg.preset, **overrides)
+    # evaluation and checkpoints only before/after train(), so that train_runtime times training alone
+    train_cfg = TrainConfig(preset=cfg.preset, out=str(workdir / "run"), seed=cfg.seed, logging_steps=1,
+                            eval_steps=probe.max_steps + 1, save_steps=probe.max_steps + 1, **overrides)
+    logger.info("training %s for %d steps in %s", train_cfg.base_model, train_cfg.max_steps, workdir)
+    t_train = time.perf_counter()
+    metrics = train.main(train_cfg)
+    train_wall = time.perf_counter() - t_train
+    peak_train = peak_rss_gib()
+
+    t_merge = time.perf_counter()
+    merge_report = merge.main(MergeConfig(adapter=train_cfg.out, out=str(workdir / "merged")))
+    merge_seconds = time.perf_counter() - t_merge
+
+    ours = last_step_tokens_per_second(metrics["log_history"])
+    result = {
+        "perplexity_before": metrics["perplexity_before"], "perplexity_after": metrics["perplexity_after"],
+        "n_train": metrics["n_train"], "n_val": metrics["n_val"], "steps": metrics["global_step"],
+        "train_tokens": metrics["train_tokens"], "train_seconds_incl_final_eval_and_save": metrics["train"]["train_runtime"],
+        "train_tokens_per_second": ours, "command_wall_seconds": train_wall,
+        "peak_rss_gib_train": peak_train, "merge_seconds": merge_seconds,
+        "merge_max_abs_logit_diff": merge_report["max_abs_logit_diff"], "peak_rss_gib_train_and_merge": peak_rss_gib(),
+        "trainable_params": metrics["trainable_params"],
+    }
+    if cfg.baseline:
+        bare = bare_trainer_tokens_per_second(train_cfg, workdir)
+        result.update({"bare_trainer": bare, "tokens_per_second_ratio_vs_bare": ours / bare["tokens_per_second"]})
+    report = {"bench": "llm_finetune", "config": asdict(cfg), "train_config": asdict(train_cfg), "device": "cpu",
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "metrics": result,
+              "seconds": round(time.perf_counter() - t0, 3)}
+    rows = [("perplexity before -> after", f"{result['perplexity_before']:.3f} -> {result['perplexity_after']:.3f}"),
+            ("train tokens/s (ours)", f"{ours:.1f}"),
+            ("train tokens/s (bare Trainer)", f"{result['bare_trainer']['tokens_per_second']:.1f}" if cfg.baseline else "-"),
+            ("ratio ours/bare", f"{result.get('tokens_per_second_ratio_vs_bare', float('nan')):.3f}"),
+            ("steps / train() s / train command wall s", f"{result['steps']} / {result['train_seconds_incl_final_eval_and_save']:.0f} / {train_wall:.0f}"),
+            ("peak RSS GiB (train, +merge)", f"{peak_train:.2f}, {result['peak_rss_gib_train_and_merge']:.2f}"),
+            ("merge seconds (max |dlogit|)", f"{merge_seconds:.1f} ({result['merge_max_abs_logit_diff']:.2g})")]
+    print("\n".join(f"{k:<40} {v}" for k, v in rows), file=sys.stderr)
+    print(json.dumps(report, default=str))
+    return report
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    main(parse_config(BenchConfig, prog="python scripts/bench_llm_finetune.py"))
