@@ -156,6 +156,7 @@ def main(cfg: FinetuneConfig) -> dict:
             "train_runtime": result.metrics.get("train_runtime"),
             "train_samples_per_second": result.metrics.get("train_samples_per_second"),
             "pairs_per_second": round(len(dataset) * cfg.epochs / train_seconds, 2),
+            "log_history": trainer.state.log_history,  # training loss and val metrics per step, for plots
         }
         model.model_card_data.model_name = f"{Path(cfg.model).name} fine-tuned with tunerag on {cfg.train.name}"
         staged = work / "model"

@@ -32,7 +32,8 @@ class BenchRagConfig:
 
     embeddings: list[str] = field(default_factory=lambda: [MINILM], metadata={"help": "Embedder(s) to compare (repeat)."})
     llm: list[str] = field(default_factory=lambda: [SMOLLM2], metadata={"help": "LLM(s) to compare (repeat)."})
-    file: Path = field(default=REPO / "data" / "finance_report.txt", metadata={"help": "Document to index."})
+    file: list[Path] = field(default_factory=lambda: [REPO / "data" / "finance_report.txt"], metadata={
+        "help": "Document(s) or folder(s) to index (repeat)."})
     qa: Path = field(default=REPO / "data" / "finance_qa.json", metadata={"help": "Questions with answer and passage."})
     k: int = field(default=4, metadata={"help": "Passages per question."})
     chunk_size: int = field(default=512, metadata={"help": "As rag.cli (capped at the embedder's limit)."})
@@ -53,7 +54,7 @@ def bench_embedder(cfg: BenchRagConfig, spec: str, items: list[dict], persist_di
     from rag.metrics import recall_at_k
 
     t0 = time.perf_counter()
-    answerer = Answerer(RagConfig(file=[cfg.file], question="-", embeddings=spec, persist_dir=persist_dir, k=cfg.k,
+    answerer = Answerer(RagConfig(file=list(cfg.file), question="-", embeddings=spec, persist_dir=persist_dir, k=cfg.k,
                                   chunk_size=cfg.chunk_size, chunk_overlap=cfg.chunk_overlap, retrieve_only=True), t0)
     report = answerer.report
     answerer.retriever.invoke(items[0]["question"])  # warm-up, not timed
@@ -80,7 +81,7 @@ def bench_llm(cfg: BenchRagConfig, spec: str, embedder: str, items: list[dict], 
     from rag.metrics import answer_matches
 
     t0 = time.perf_counter()
-    answerer = Answerer(RagConfig(file=[cfg.file], question="-", embeddings=embedder, llm=spec, persist_dir=persist_dir,
+    answerer = Answerer(RagConfig(file=list(cfg.file), question="-", embeddings=embedder, llm=spec, persist_dir=persist_dir,
                                   k=cfg.k, chunk_size=cfg.chunk_size, chunk_overlap=cfg.chunk_overlap,
                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed), t0)
     ttft, rates, matches, answers = [], [], [], []

@@ -31,6 +31,14 @@ def tiny_mistral(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, minilm_path) -> Path:
+    """Folder of a 1-layer, 16-wide random BERT with MiniLM's tokenizer (a fast stand-in embedder)."""
+    from tiny_models import save_tiny_bert
+
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), minilm_path)
+
+
+@pytest.fixture(scope="session")
 def minilm_path() -> Path:
     from embeddings.models import minilm_folder
 

@@ -12,19 +12,6 @@ from llm_finetune.common import TuneragError, parse_config
 
 
 @pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory, minilm_path):
-    """A 1-layer, 16-wide random BERT with MiniLM's tokenizer; SentenceTransformer adds mean pooling."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    tokenizer.save_pretrained(folder)
-    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=256)).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
 def pair_files(tmp_path_factory, sample_doc):
     """ICT pairs from the sample document: 24 train chunks, 6 val chunks (word counts stand in for tokens)."""
     folder = tmp_path_factory.mktemp("pairs")

@@ -49,3 +49,14 @@ def save_tiny_mistral(folder: Path, seed: int = 0) -> Path:
     MistralForCausalLM(config).save_pretrained(folder)
     save_mistral_tokenizer(folder)
     return folder
+
+
+def save_tiny_bert(folder: Path, minilm_folder: Path) -> Path:
+    """A 1-layer, 16-wide random BERT with MiniLM's tokenizer; SentenceTransformer adds mean pooling."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder)
+    tokenizer.save_pretrained(folder)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=256)).save_pretrained(folder)
+    return folder
