@@ -59,9 +59,12 @@ class PipelineConfig:
     llm_max_steps: int = field(default=0, metadata={"help": "Cap the LLM fine-tune's steps (0: the preset's)."})
     emb_epochs: float = field(default=0, metadata={"help": "Embedding fine-tune epochs (0: embeddings.finetune's default)."})
     max_chunks: int = field(default=0, metadata={"help": "Use only the first N chunks per split in prepare (0: all)."})
-    rag_questions: int = field(default=0, metadata={"help": "Evaluate RAG on the first N questions (0: all)."})
+    rag_questions: int = field(default=24, metadata={
+        "help": "Answer the first N questions with each of the 4 configurations (0: all; generation is the slow part "
+                "on a CPU). Retrieval recall always uses every question."})
     k: int = field(default=4, metadata={"help": "Passages retrieved per question in the RAG evaluation."})
-    max_new_tokens: int = field(default=48, metadata={"help": "Longest RAG answer in the evaluation, in tokens."})
+    max_new_tokens: int = field(default=32, metadata={
+        "help": "Longest RAG answer in the evaluation, in tokens (the expected answers are short figures)."})
     force: list[str] = field(default_factory=list, metadata={
         "help": f"Redo this step even if it is complete (repeatable): {', '.join(STEPS)}, or 'all'."})
 
