@@ -114,6 +114,12 @@ def run_cli(main: Callable[[C], Any], config_cls: type[C], argv: list[str] | Non
     except TuneragError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # a path that cannot be written or read: say which, without a traceback
+        if os.environ.get("TUNERAG_DEBUG"):
+            raise
+        where = f" {str(e.filename)!r}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where} (set TUNERAG_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -41,7 +41,10 @@ def hub_offline() -> bool:
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1 or spec.endswith("/")
+    """A spec that cannot be a hub id, or whose first folder exists here (`models/emb-tuned` from the repo root)."""
+    if spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1 or spec.endswith("/"):
+        return True
+    return "/" in spec and Path(spec.split("/")[0]).is_dir()
 
 
 def resolve_model(spec: str, *, kind: str, marker: str, instead: str) -> str:
@@ -70,7 +73,8 @@ def resolve_model(spec: str, *, kind: str, marker: str, instead: str) -> str:
         pass
     if hub_offline():
         raise ModelNotFoundError(
-            f"{kind} {spec!r} is not in the local hub cache and the hub is unreachable (HF_HUB_OFFLINE=1); pass {instead}"
+            f"{kind} {spec!r} is not a local folder, and as a hub id it is not in the local cache while the hub is "
+            f"unreachable (HF_HUB_OFFLINE=1); pass {instead}"
         )
     return spec  # not cached, online: from_pretrained downloads it (see `load_or_explain`)
 
@@ -125,7 +129,12 @@ def smollm2_folder() -> Path:
         tokenizer.save_pretrained(tmp)
         if not tokenizer.chat_template:
             raise TuneragError("the SmolLM2 GGUF carried no chat template; the conversion would lose it")
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            # another process (e.g. a second `accelerate launch` rank) finished the same conversion first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("SmolLM2 ready at %s", target)

@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from llm_finetune.common import TuneragError, run_cli
+from embeddings.data import write_json_atomic
+from llm_finetune.common import run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +100,6 @@ def step_key(settings: dict, inputs: list[Path]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 class Manifest:
     """out/manifest.json: per step, the input key it ran with, its outputs, seconds and metrics."""
 
@@ -139,10 +134,10 @@ def run_step(manifest: Manifest, cfg: PipelineConfig, name: str, settings: dict,
     if not forced and manifest.is_complete(name, key, outputs):
         logger.info("[%s] complete, inputs unchanged: skipped", name)
         return manifest.metrics(name)
-    if not keep_outputs or forced:
+    if not keep_outputs:
         for p in outputs:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    logger.info("[%s] %s", name, "resuming" if keep_outputs and not forced else "running")
+    logger.info("[%s] running", name)
     started = time.perf_counter()
     metrics = body()
     seconds = time.perf_counter() - started
@@ -355,10 +350,11 @@ def model_stamp(spec: str) -> str:
     return f"{spec}|{config.stat().st_size}|{config.stat().st_mtime_ns}" if config.is_file() else spec
 
 
-def resumable(folder: Path, key: str, last_checkpoint: Callable[[Path], Path | None]) -> bool:
-    """True when `folder` holds an unfinished training run of these very inputs, with a checkpoint."""
+def resumable(folder: Path, key: str, last_checkpoint: Callable[[Path], Path | None], allow: bool = True) -> bool:
+    """True when `folder` holds an unfinished training run of these very inputs, with a checkpoint;
+    otherwise (or when not `allow`ed) the folder is emptied and stamped with `key` for a fresh run."""
     stamp = folder / ".pipeline_key"
-    if stamp.is_file() and stamp.read_text() == key and last_checkpoint(folder) is not None:
+    if allow and stamp.is_file() and stamp.read_text() == key and last_checkpoint(folder) is not None:
         return True
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -370,11 +366,12 @@ def without(metrics: dict, *keys: str) -> dict:
     return {k: v for k, v in metrics.items() if k not in keys}
 
 
-def run(cfg: PipelineConfig) -> dict:
+def main(cfg: PipelineConfig) -> dict:
     from embeddings import evaluate as emb_evaluate
     from embeddings import finetune as emb_finetune
     from embeddings import prepare as emb_prepare
     from embeddings.config import EvaluateConfig, FinetuneConfig, PrepareConfig
+    from embeddings.documents import find_documents
     from llm_finetune import merge as llm_merge
     from llm_finetune import train as llm_train
     from llm_finetune.config import MergeConfig, TrainConfig
@@ -388,12 +385,13 @@ def run(cfg: PipelineConfig) -> dict:
 
     prepare_cfg = PrepareConfig(docs=cfg.docs, out=pairs, generator=cfg.generator, llm=cfg.llm, embedder=cfg.embedder,
                                 max_chunks=cfg.max_chunks, cache=out / "question_cache.jsonl")
-    run_step(manifest, cfg, "prepare", asdict(prepare_cfg) | {"llm_files": model_stamp(cfg.llm)}, cfg.docs, [pairs],
+    documents = find_documents(cfg.docs)  # the files prepare reads: other files beside them change nothing
+    run_step(manifest, cfg, "prepare", asdict(prepare_cfg) | {"llm_files": model_stamp(cfg.llm)}, documents, [pairs],
              lambda: emb_prepare.main(prepare_cfg))
 
     finetune_cfg = FinetuneConfig(train=pairs / "train.json", val=pairs / "val.json", model=cfg.embedder, out=emb_tuned,
                                   **({"epochs": cfg.emb_epochs} if cfg.emb_epochs else {}))
-    run_step(manifest, cfg, "emb_finetune", asdict(finetune_cfg), [pairs], [emb_tuned],
+    run_step(manifest, cfg, "emb_finetune", asdict(finetune_cfg), [pairs / "train.json", pairs / "val.json"], [emb_tuned],
              lambda: without(emb_finetune.main(finetune_cfg), "log_history"))
 
     evaluate_cfg = EvaluateConfig(data=pairs / "val.json", model=[cfg.embedder, str(emb_tuned)])
@@ -404,9 +402,12 @@ def run(cfg: PipelineConfig) -> dict:
                             **({"max_steps": cfg.llm_max_steps} if cfg.llm_max_steps else {}))
     train_settings = asdict(train_cfg) | {"base_files": model_stamp(cfg.llm)}
     train_key = step_key(train_settings, [cfg.instructions])
-    if not manifest.is_complete("llm_train", train_key, [adapter]) or "llm_train" in cfg.force or "all" in cfg.force:
-        resume = "llm_train" not in cfg.force and resumable(adapter, train_key, llm_train.last_complete_checkpoint)
+    forced = "llm_train" in cfg.force or "all" in cfg.force
+    if forced or not manifest.is_complete("llm_train", train_key, [adapter]):
+        resume = resumable(adapter, train_key, llm_train.last_complete_checkpoint, allow=not forced)
         train_cfg = dataclasses.replace(train_cfg, resume=resume)
+        if resume:
+            logger.info("[llm_train] an unfinished run of the same inputs is in %s: resuming it", adapter)
     run_step(manifest, cfg, "llm_train", train_settings, [cfg.instructions], [adapter],
              lambda: without(llm_train.main(train_cfg), "log_history", "curves"), keep_outputs=True)
 
@@ -417,7 +418,7 @@ def run(cfg: PipelineConfig) -> dict:
 
     rag_settings = {"k": cfg.k, "max_new_tokens": cfg.max_new_tokens, "rag_questions": cfg.rag_questions,
                     "embedder": cfg.embedder, "llm": cfg.llm, "llm_files": model_stamp(cfg.llm)}
-    rag = run_step(manifest, cfg, "rag_eval", rag_settings, [*cfg.docs, cfg.questions, emb_tuned, merged], [],
+    rag = run_step(manifest, cfg, "rag_eval", rag_settings, [*documents, cfg.questions, emb_tuned, merged], [],
                    lambda: rag_evaluation(cfg, out))
 
     report = write_report(cfg, out, manifest, emb_scores, rag)
@@ -429,8 +430,6 @@ def run(cfg: PipelineConfig) -> dict:
     return {"report": str(report), "seconds": round(total, 1), "manifest": manifest.data}
 
 
-def main(cfg: PipelineConfig) -> dict:
-    return run(cfg)
 
 
 if __name__ == "__main__":

@@ -115,3 +115,31 @@ def test_cli_error_is_one_line_without_traceback():
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: LLM 'acme-bank/no-such-model-7b'")
+
+
+def test_missing_relative_folder_is_named_as_a_folder(tmp_path, monkeypatch):
+    """`models/emb-tuned` before training: say the folder is missing, not that the hub is unreachable."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ModelNotFoundError, match="folder 'models/emb-tuned' does not exist"):
+        resolve_embedder("models/emb-tuned")
+    with pytest.raises(ModelNotFoundError, match="unreachable"):
+        resolve_llm("mistralai/Mistral-7B-Instruct-v0.1")
+
+
+def test_unwritable_output_is_one_line(tmp_path):
+    """An OSError from a command (here: an output path under a file) is one `error:` line, exit 2."""
+    (tmp_path / "file").write_text("x")
+    code = (
+        "from dataclasses import dataclass, field\n"
+        "from pathlib import Path\n"
+        "from llm_finetune.common import run_cli\n"
+        "@dataclass\n"
+        "class C:\n"
+        "    out: Path = field(default=Path('.'), metadata={'help': 'output'})\n"
+        "run_cli(lambda cfg: (cfg.out / 'x.json').parent.mkdir(parents=True), C)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, "--out", str(tmp_path / "file" / "sub")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and str(tmp_path / "file") in proc.stderr

@@ -79,3 +79,31 @@ def test_changed_input_changes_the_step_key(tmp_path):
 def test_bad_force_is_a_usage_error():
     with pytest.raises(ValueError, match="not a step"):
         PipelineConfig(force=["train"])
+
+
+def test_force_all_redoes_every_step_from_scratch(tiny_run, caplog):
+    import dataclasses
+    import logging
+
+    cfg, _ = tiny_run
+    with caplog.at_level(logging.INFO, logger="scripts.pipeline"):
+        main(dataclasses.replace(cfg, force=["all"]))
+    after = json.loads((cfg.out / "manifest.json").read_text())["steps"]
+    assert all(f"[{s}] running" in caplog.text for s in STEPS) and "skipped" not in caplog.text
+    assert after["llm_train"]["metrics"]["global_step"] == 2  # a fresh run, not a "resume" past the end
+    assert (cfg.out / "llm-adapter" / ".pipeline_key").read_text() == after["llm_train"]["key"]
+
+
+def test_training_resumes_only_a_run_of_the_same_inputs(tmp_path):
+    from scripts.pipeline import resumable
+
+    folder = tmp_path / "adapter"
+    has_checkpoint = lambda f: f / "checkpoints" if (f / "checkpoints").is_dir() else None  # noqa: E731
+    assert not resumable(folder, "k1", has_checkpoint)  # nothing there: a fresh, stamped folder
+    (folder / "checkpoints").mkdir()
+    assert resumable(folder, "k1", has_checkpoint)
+    assert not resumable(folder, "k1", has_checkpoint, allow=False)  # --force: start over
+    assert not (folder / "checkpoints").exists()
+    (folder / "checkpoints").mkdir()
+    assert not resumable(folder, "k2", has_checkpoint)  # other inputs: never continue that run
+    assert (folder / ".pipeline_key").read_text() == "k2" and not (folder / "checkpoints").exists()
