@@ -318,7 +318,13 @@ def parse_qa_records(text: str, suffix: str, name: str) -> list[dict]:
     suffix = suffix.lower()
     try:
         if suffix == ".csv":
-            return list(csv.DictReader(io.StringIO(text)))
+            reader, rows = csv.DictReader(io.StringIO(text)), []
+            for row in reader:
+                if None in row:  # DictReader files extra fields under None: usually an unquoted comma
+                    raise PairsError(f"{name} line {reader.line_num} has more fields than its header "
+                                     f"({len(reader.fieldnames)}); quote values that contain commas")
+                rows.append(row)
+            return rows
         if suffix == ".jsonl":
             return [json.loads(line) for line in text.splitlines() if line.strip()]
         data = json.loads(text)
@@ -339,7 +345,7 @@ def qa_pairs(records: list[dict], name: str) -> list[tuple[str, str]]:
     """(question, answer) per usable record; the column names are matched case-insensitively."""
     if not records:
         raise PairsError(f"{name} has no records")
-    columns = {k.lower().strip(): k for k in records[0]}
+    columns = {k.lower().strip(): k for k in records[0] if isinstance(k, str)}
     q_col = next((columns[c] for c in QUESTION_COLUMNS if c in columns), None)
     a_col = next((columns[c] for c in ANSWER_COLUMNS if c in columns), None)
     if q_col is None or a_col is None:

@@ -6,7 +6,7 @@ The steps of sentence-transformers' own training scripts, nothing custom: Multip
 (every other passage in the batch is a negative; optionally cached for big batches, wrapped in
 MatryoshkaLoss, or fed hard negatives mined with the base model), the NO_DUPLICATES batch sampler,
 an InformationRetrievalEvaluator on val before training, during it (picking the best checkpoint by
-NDCG@10) and after it. The folder in --out is a normal SentenceTransformer folder; its README.md
+NDCG@10) and after it; the val pairs are also the trainer's eval_dataset, so eval_loss is logged too. The folder in --out is a normal SentenceTransformer folder; its README.md
 (the model card) and metrics.json record the base model, the data, the settings and before/after metrics.
 """
 
@@ -66,20 +66,35 @@ def card_section(cfg: FinetuneConfig, data: dict, before: dict, after: dict, tra
 
 
 def main(cfg: FinetuneConfig) -> dict:
-    from datasets import Dataset
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.sentence_transformer import losses
-    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
     from transformers import set_seed
-
-    from embeddings.models import load_embedder
 
     set_seed(cfg.seed)
     config = json.loads(json.dumps(asdict(cfg), default=str))
     logger.info("finetune: %s", config)
     train, val = load_pairs(cfg.train), load_pairs(cfg.val)
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise TuneragError(f"--out {str(cfg.out)!r} is a file; pass a new folder")
     if cfg.out.exists() and any(cfg.out.iterdir()):
         raise TuneragError(f"--out {str(cfg.out)!r} exists and is not empty; pick a new folder or remove it")
+    # Checkpoints live in a temp folder beside --out (made now, so an unwritable --out fails before any work)
+    try:
+        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.tmp-", dir=cfg.out.parent))
+    except OSError as e:
+        raise TuneragError(f"cannot write --out {str(cfg.out)!r}: {e.strerror or e}") from None
+    try:
+        return train_and_save(cfg, config, train, val, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def train_and_save(cfg: FinetuneConfig, config: dict, train: Pairs, val: Pairs, work: Path) -> dict:
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer import losses
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+
+    from embeddings.models import load_embedder
 
     # 1. The base model
     model = load_embedder(cfg.model)
@@ -117,14 +132,16 @@ def main(cfg: FinetuneConfig) -> dict:
     before = evaluator(model)
     logger.info("base model on val: NDCG@10 %.4f, accuracy@1 %.4f", before[MAIN_METRIC], before[f"{EVAL_NAME}_cosine_accuracy@1"])
 
-    # 5. Training arguments; checkpoints live in a temp folder beside --out and are removed after
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.tmp-", dir=cfg.out.parent))
+    # The val pairs as eval_dataset: the trainer logs eval_loss (same loss) beside the evaluator's metrics
+    val_anchors, val_positives = val.anchor_positive()
+    eval_dataset = Dataset.from_dict({"anchor": val_anchors, "positive": val_positives})
+
+    # 5. Training arguments; checkpoints go to `work` (removed by main)
     strategy = "steps" if cfg.eval_steps else "epoch"
     args = SentenceTransformerTrainingArguments(
         output_dir=str(work / "checkpoints"),
         num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
         warmup_ratio=cfg.warmup_ratio,
         batch_sampler=BatchSamplers.NO_DUPLICATES,  # two queries of one chunk in a batch would be false negatives
@@ -135,31 +152,32 @@ def main(cfg: FinetuneConfig) -> dict:
         disable_tqdm=False,
     )
 
-    # 6. Train
+    # 6. Train; the best checkpoint is still chosen by val NDCG@10 (metric_for_best_model), not by eval_loss
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+                                         loss=loss, evaluator=evaluator)
+    started = time.perf_counter()
+    result = trainer.train()
+    train_seconds = time.perf_counter() - started
+
+    # 7. Evaluate the best checkpoint (load_best_model_at_end put it back into `model`)
+    after = evaluator(model)
+    logger.info("tuned model on val: NDCG@10 %.4f (base %.4f)", after[MAIN_METRIC], before[MAIN_METRIC])
+
+    # 8. Save: a complete folder renamed into place, so a crash never leaves a half-written model
+    data = {"train": file_summary(cfg.train, train), "val": file_summary(cfg.val, val), "train_pairs": len(dataset)}
+    metrics = {
+        "base_model": cfg.model, "data": data, "config": config,
+        "before": before, "after": after, "main_metric": MAIN_METRIC,
+        "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name or None,
+        "steps": trainer.state.global_step, "train_seconds": round(train_seconds, 2),
+        "train_runtime": result.metrics.get("train_runtime"),
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "pairs_per_second": round(len(dataset) * cfg.epochs / train_seconds, 2),
+        "log_history": trainer.state.log_history,  # training loss, eval_loss and val metrics per step, for plots
+    }
+    model.model_card_data.model_name = f"{Path(cfg.model).name} fine-tuned with tunerag on {cfg.train.name}"
+    staged = work / "model"
     try:
-        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss, evaluator=evaluator)
-        started = time.perf_counter()
-        result = trainer.train()
-        train_seconds = time.perf_counter() - started
-
-        # 7. Evaluate the best checkpoint (load_best_model_at_end put it back into `model`)
-        after = evaluator(model)
-        logger.info("tuned model on val: NDCG@10 %.4f (base %.4f)", after[MAIN_METRIC], before[MAIN_METRIC])
-
-        # 8. Save: a complete folder renamed into place, so a crash never leaves a half-written model
-        data = {"train": file_summary(cfg.train, train), "val": file_summary(cfg.val, val), "train_pairs": len(dataset)}
-        metrics = {
-            "base_model": cfg.model, "data": data, "config": config,
-            "before": before, "after": after, "main_metric": MAIN_METRIC,
-            "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name or None,
-            "steps": trainer.state.global_step, "train_seconds": round(train_seconds, 2),
-            "train_runtime": result.metrics.get("train_runtime"),
-            "train_samples_per_second": result.metrics.get("train_samples_per_second"),
-            "pairs_per_second": round(len(dataset) * cfg.epochs / train_seconds, 2),
-            "log_history": trainer.state.log_history,  # training loss and val metrics per step, for plots
-        }
-        model.model_card_data.model_name = f"{Path(cfg.model).name} fine-tuned with tunerag on {cfg.train.name}"
-        staged = work / "model"
         model.save(str(staged))
         with (staged / "README.md").open("a", encoding="utf-8") as f:
             f.write(card_section(cfg, data, before, after, train_seconds))
@@ -168,8 +186,8 @@ def main(cfg: FinetuneConfig) -> dict:
         if cfg.out.exists():
             cfg.out.rmdir()  # checked empty above
         staged.rename(cfg.out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    except OSError as e:
+        raise TuneragError(f"cannot write the model to --out {str(cfg.out)!r}: {e.strerror or e}") from None
     logger.info("saved %s: val NDCG@10 %.4f -> %.4f in %.0f s (%.1f pairs/s)", cfg.out, before[MAIN_METRIC],
                 after[MAIN_METRIC], train_seconds, metrics["pairs_per_second"])
     return metrics

@@ -8,8 +8,12 @@ Documents are cleaned (whitespace collapsed, --drop-pattern lines removed), cut 
 packed into chunks that fit the embedder's tokenizer (all-MiniLM-L6-v2 reads 256 tokens; more is
 silently truncated), then each chunk gets queries. Train and val never share a chunk: with 2+
 documents whole documents go to val, with one document the last part of the text does.
-LLM questions are cached per chunk (JSONL, one line per finished chunk), so a rerun resumes.
-Writes train.json, val.json (atomically) and prepare_stats.json into --out.
+LLM questions are cached per chunk (JSONL, one line per generated chunk), so a rerun resumes; the
+batches are fixed by chunk order, so a resumed run writes what an uninterrupted one would.
+Writes train.json, val.json and prepare_stats.json into a temp folder beside --out and swaps it in
+whole: --out holds either the complete new set or the previous one. prepare_stats.json describes the
+data only (the same inputs give the same bytes; scripts/pipeline.py hashes the folder); timings and
+cache hits go to the log and to the dict main() returns.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -138,6 +145,14 @@ def model_fingerprint(spec: str, resolved: str) -> str:
     return f"{spec}|{resolved}|{config.stat().st_mtime_ns if config.is_file() else ''}"
 
 
+def generation_batches(keys: list[str], cached: set[str], batch_size: int) -> list[list[int]]:
+    """Indices of the batches to generate: the full list cut in order into `batch_size` batches, less
+    those fully cached. Batched greedy decoding with left padding is not batch-invariant (a row's
+    output can change with its batch-mates), so batches never depend on what is cached."""
+    batches = [list(range(b, min(b + batch_size, len(keys)))) for b in range(0, len(keys), batch_size)]
+    return [batch for batch in batches if any(keys[i] not in cached for i in batch)]
+
+
 def render_prompt(tokenizer, user: str) -> str:
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
@@ -165,32 +180,40 @@ def llm_queries(chunks: list[Chunk], cfg: PrepareConfig) -> tuple[dict[str, tupl
         prompts[c.id] = render_prompt(tokenizer, question_prompt(c.text, cfg.questions_per_chunk))
         keys[c.id] = hashlib.sha256("\x1f".join([fingerprint, prompts[c.id], c.text, settings]).encode()).hexdigest()
     cache = QuestionCache(cfg.cache or tunerag_home() / "embeddings" / "question_cache.jsonl")
-    todo = [c for c in chunks if keys[c.id] not in cache.outputs]
+    batches = generation_batches([keys[c.id] for c in chunks], set(cache.outputs), cfg.batch_size)
+    todo = [chunks[i] for batch in batches for i in batch]
+    new = sum(keys[c.id] not in cache.outputs for c in chunks)
     prompt_tokens = sum(len(tokenizer(prompts[c.id], add_special_tokens=False)["input_ids"]) for c in todo)
-    logger.info("LLM questions: %d chunks, %d cached, %d to generate with %s: about %d prompt tokens + up to %d "
-                "new tokens (cache: %s)", len(chunks), len(chunks) - len(todo), len(todo), cfg.llm, prompt_tokens,
-                len(todo) * cfg.max_new_tokens, cache.path)
-    # Long prompts together waste less padding; the order does not change greedy outputs.
-    todo.sort(key=lambda c: len(prompts[c.id]))
+    logger.info("LLM questions: %d chunks, %d cached, %d to generate (%d batches of up to %d, incl. %d cached chunks "
+                "that share a batch with new ones) with %s: about %d prompt tokens + up to %d new tokens (cache: %s)",
+                len(chunks), len(chunks) - new, len(todo), len(batches), cfg.batch_size, len(todo) - new, cfg.llm,
+                prompt_tokens, len(todo) * cfg.max_new_tokens, cache.path)
+
+    def generate(batch: list[Chunk]) -> None:
+        enc = tokenizer([prompts[c.id] for c in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        if cfg.temperature > 0:  # seeded by the batch's content, so a resumed run draws the same
+            torch.manual_seed(stable_rng(cfg.seed, *(keys[c.id] for c in batch)).getrandbits(63))
+        with torch.inference_mode():
+            generated = model.generate(
+                **enc, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
+                temperature=cfg.temperature if cfg.temperature > 0 else None, top_p=None, top_k=None,
+                pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        cache.add({keys[c.id]: t for c, t in zip(batch, texts) if keys[c.id] not in cache.outputs})
+
+    # The first batch, timed, gives the estimate before the long loop starts.
     started = time.perf_counter()
-    with tqdm(total=len(todo), desc="generating questions", unit="chunk", disable=not todo) as bar:
-        for b in range(0, len(todo), cfg.batch_size):
-            batch = todo[b: b + cfg.batch_size]
-            enc = tokenizer([prompts[c.id] for c in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-            if cfg.temperature > 0:  # seeded by the batch's content, so a resumed run draws the same
-                torch.manual_seed(stable_rng(cfg.seed, *(keys[c.id] for c in batch)).getrandbits(63))
-            with torch.inference_mode():
-                generated = model.generate(
-                    **enc, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
-                    temperature=cfg.temperature if cfg.temperature > 0 else None, top_p=None, top_k=None,
-                    pad_token_id=tokenizer.pad_token_id)
-            texts = tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            cache.add({keys[c.id]: t for c, t in zip(batch, texts)})
+    if batches:
+        logger.info("timing the first batch (%d chunks)...", len(batches[0]))
+        generate([chunks[i] for i in batches[0]])
+        first = time.perf_counter() - started
+        logger.info("first batch: %.1f s; estimate %.0f s for the other %d batches (rough: a batch whose rows all end "
+                    "early is faster, a longer prompt slower)", first, first * (len(batches) - 1), len(batches) - 1)
+    with tqdm(total=len(todo), initial=len(batches[0]) if batches else 0, desc="generating questions", unit="chunk",
+              disable=len(batches) < 2) as bar:
+        for batch in batches[1:]:
+            generate([chunks[i] for i in batch])
             bar.update(len(batch))
-            if b == 0 and len(todo) > len(batch):
-                per_chunk = (time.perf_counter() - started) / len(batch)
-                logger.info("first batch: %.1f s per chunk; estimate %.0f s for the remaining %d chunks",
-                            per_chunk, per_chunk * (len(todo) - len(batch)), len(todo) - len(batch))
     totals = {"kept": 0, "not_question": 0, "too_short": 0, "duplicate": 0, "extra": 0}
     result = {}
     for c in chunks:
@@ -200,6 +223,7 @@ def llm_queries(chunks: list[Chunk], cfg: PrepareConfig) -> tuple[dict[str, tupl
         result[c.id] = (questions, c.text)
     stats = {"generated": len(todo), "from_cache": len(chunks) - len(todo),
              "generation_seconds": round(time.perf_counter() - started, 1), "parsed": totals}
+    logger.info("generated %d chunks in %.1f s", len(todo), stats["generation_seconds"])
     return result, stats
 
 
@@ -219,9 +243,67 @@ def config_dict(cfg) -> dict:
     return json.loads(json.dumps(asdict(cfg), default=str))
 
 
+OUTPUTS = ("train.json", "val.json", "prepare_stats.json")
+
+# Run facts, not data facts: they differ between a fresh and a resumed run of the same inputs.
+RUN_ONLY = {"seconds", "generated", "from_cache", "generation_seconds"}
+
+
+def data_stats(stats: dict) -> dict:
+    """`stats` less RUN_ONLY keys (at any depth): what prepare_stats.json holds."""
+    return {k: data_stats(v) if isinstance(v, dict) else v for k, v in stats.items() if k not in RUN_ONLY}
+
+
+@contextmanager
+def staging_folder(out: Path):
+    """A temp folder beside `out`, made before the long work so a bad --out fails at once; on leaving
+    without an error it replaces `out` whole (the old folder is removed only after the rename)."""
+    if out.exists() and not out.is_dir():
+        raise TuneragError(f"--out {str(out)!r} is a file; pass a folder")
+    if out.is_dir() and not {p.name for p in out.iterdir()} <= set(OUTPUTS):
+        raise TuneragError(f"--out {str(out)!r} holds files other than {', '.join(OUTPUTS)}; pick a new or empty "
+                           "folder (it is replaced whole)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise TuneragError(f"cannot write --out {str(out)!r}: {e.strerror or e}") from None
+    old = stage.with_name(stage.name.replace(".tmp-", ".old-"))
+    try:
+        yield stage
+        try:
+            if out.exists():
+                out.rename(old)
+            stage.rename(out)
+        except OSError as e:
+            if old.exists() and not out.exists():
+                old.rename(out)  # put the previous set back
+            raise TuneragError(f"cannot replace --out {str(out)!r}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def main(cfg: PrepareConfig) -> dict:
     logger.info("prepare: %s", config_dict(cfg))
     started = time.perf_counter()
+    with staging_folder(cfg.out) as stage:
+        stats, train, val = make_pairs(cfg)
+        try:
+            write_json_atomic(stage / "train.json", train.to_json())
+            write_json_atomic(stage / "val.json", val.to_json())
+            write_json_atomic(stage / "prepare_stats.json", data_stats(stats))
+        except OSError as e:
+            raise TuneragError(f"cannot write --out {str(cfg.out)!r}: {e.strerror or e}") from None
+    stats["seconds"] = round(time.perf_counter() - started, 1)
+    logger.info("wrote %s (%d queries, %d passages) and %s (%d queries, %d passages) in %.1f s", cfg.out / "train.json",
+                len(train.queries), len(train.corpus), cfg.out / "val.json", len(val.queries), len(val.corpus),
+                stats["seconds"])
+    return stats
+
+
+def make_pairs(cfg: PrepareConfig) -> tuple[dict, Pairs, Pairs]:
+    """(stats, train pairs, val pairs) from cfg.qa_file or cfg.docs."""
     if cfg.qa_file is not None:
         qa, skipped = read_qa_file(cfg.qa_file)
         if skipped:
@@ -253,14 +335,8 @@ def main(cfg: PrepareConfig) -> dict:
         raise TuneragError(f"no usable queries on the {side} side (see the counts above); "
                            "try --generator ict, another --llm, or more documents")
     stats.update(train_queries=len(train.queries), train_passages=len(train.corpus),
-                 val_queries=len(val.queries), val_passages=len(val.corpus),
-                 seconds=round(time.perf_counter() - started, 1), config=config_dict(cfg))
-    write_json_atomic(cfg.out / "train.json", train.to_json())
-    write_json_atomic(cfg.out / "val.json", val.to_json())
-    write_json_atomic(cfg.out / "prepare_stats.json", stats)
-    logger.info("wrote %s (%d queries, %d passages) and %s (%d queries, %d passages)", cfg.out / "train.json",
-                len(train.queries), len(train.corpus), cfg.out / "val.json", len(val.queries), len(val.corpus))
-    return stats
+                 val_queries=len(val.queries), val_passages=len(val.corpus), config=config_dict(cfg))
+    return stats, train, val
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@
 For each generator (ict, llm): pairs from data/finance_report.txt split by position (the last 20% of
 the text is val), fine-tune with the FinetuneConfig defaults, then base vs tuned on
   - val: the held-out synthetic queries over the held-out chunks, and
-  - qa: the 66 hand-written questions of data/finance_qa.json over every chunk of the document
-    (a chunk is relevant when it holds the question's `passage`).
+  - qa_all: the 66 hand-written questions of data/finance_qa.json over every chunk of the document
+    (prepare's own chunks, train and val); it includes questions on training passages, and
+  - qa_heldout: only the questions whose relevant chunks all lie in the validation part of the text.
+    A chunk is relevant when rag.metrics.chunk_answers says it answers the question (the rule
+    scripts/bench_rag.py uses).
 Also: wall time per phase, training pairs/s, peak RSS, and (--bare) the same training run as a bare
 SentenceTransformerTrainer script on the same data, for our throughput relative to it.
 Prints one JSON object on stdout and a short table on stderr.
@@ -28,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from embeddings.config import FinetuneConfig, PrepareConfig  # noqa: E402
-from embeddings.data import Pairs, chunk_sentences, clean_text, load_pairs, split_sentences  # noqa: E402
+from embeddings.data import Pairs, load_pairs  # noqa: E402
 from llm_finetune.common import parse_config  # noqa: E402
 
 logger = logging.getLogger("bench_embeddings")
@@ -54,23 +57,25 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def qa_pairs_over_chunks(doc: Path, qa_path: Path, prepare_cfg: PrepareConfig) -> Pairs:
-    """The hand-written questions against every chunk of the document, chunked as prepare chunks it."""
-    from embeddings.prepare import embedder_token_counter
+def qa_pairs_over_chunks(qa_path: Path, prepare_cfg: PrepareConfig) -> tuple[Pairs, Pairs]:
+    """(all questions, held-out questions) against every chunk of the document, chunked and split
+    exactly as prepare chunks and splits it; a held-out question has all its relevant chunks in val."""
+    from embeddings.prepare import document_chunks
+    from rag.metrics import chunk_answers
 
-    count_tokens, limit = embedder_token_counter(prepare_cfg.embedder, prepare_cfg.chunk_tokens)
-    lines, _ = clean_text(doc.read_text(encoding="utf-8"))
-    chunks = chunk_sentences(split_sentences(lines), count_tokens, limit, prepare_cfg.chunk_overlap, "all")
-    pairs = Pairs(corpus={c.id: c.text for c in chunks})
+    train_chunks, val_chunks, _ = document_chunks(prepare_cfg)
+    corpus = {c.id: c.text for c in train_chunks + val_chunks}
+    val_ids = {c.id for c in val_chunks}
+    every, heldout = Pairs(corpus=corpus), Pairs(corpus=corpus)
     for item in json.loads(qa_path.read_text(encoding="utf-8")):
-        passage = " ".join(item["passage"].split())
-        relevant = [c.id for c in chunks if passage in c.text]
-        if not relevant:  # a passage cut by a chunk border: the chunks that hold its answer and its start
-            relevant = [c.id for c in chunks if item["answer"] in c.text and passage[:40] in c.text]
-        if relevant:
+        relevant = [cid for cid, text in corpus.items() if chunk_answers(text, item["passage"], item["answer"])]
+        if not relevant:
+            logger.warning("qa item %s: no chunk answers it; left out", item["id"])
+            continue
+        for pairs in (every, heldout) if set(relevant) <= val_ids else (every,):
             pairs.queries[item["id"]] = item["question"]
             pairs.relevant_docs[item["id"]] = relevant
-    return pairs
+    return every, heldout
 
 
 def bare_trainer(train_json: Path, val_json: Path, out: Path, cfg: BenchConfig) -> dict:
@@ -121,8 +126,8 @@ def main(cfg: BenchConfig, json_out=None) -> dict:
     t0 = time.perf_counter()
     results: dict = {}
     base = load_embedder(MINILM)
-    qa = qa_pairs_over_chunks(cfg.doc, cfg.qa, PrepareConfig(docs=[cfg.doc]))
-    base_qa = evaluate.score(base, qa)
+    qa_all, qa_heldout = qa_pairs_over_chunks(cfg.qa, PrepareConfig(docs=[cfg.doc], seed=cfg.seed))
+    base_qa = {"qa_all": evaluate.score(base, qa_all), "qa_heldout": evaluate.score(base, qa_heldout)}
     for gen in cfg.generator:
         r: dict = {}
         started = time.perf_counter()
@@ -144,7 +149,8 @@ def main(cfg: BenchConfig, json_out=None) -> dict:
         val = load_pairs(work / f"pairs-{gen}" / "val.json")
         tuned = load_embedder(str(work / f"model-{gen}"))
         r["val"] = {"base": evaluate.score(base, val), "tuned": evaluate.score(tuned, val)}
-        r["qa"] = {"base": base_qa, "tuned": evaluate.score(tuned, qa)}
+        for name, qa in (("qa_all", qa_all), ("qa_heldout", qa_heldout)):
+            r[name] = {"base": base_qa[name], "tuned": evaluate.score(tuned, qa)}
         r["evaluate_seconds"] = round(time.perf_counter() - started, 1)
         r["loop_seconds"] = round(r["prepare_seconds"] + r["finetune_seconds"] + r["evaluate_seconds"], 1)
         r["peak_rss_mib"] = peak_rss_mib()
@@ -154,19 +160,25 @@ def main(cfg: BenchConfig, json_out=None) -> dict:
             r["bare_trainer"] = bare
             r["throughput_vs_bare"] = round(r["train_pairs_per_second"] / bare["pairs_per_second"], 3)
         logger.info("%s done: %s", gen, json.dumps(r, default=str))  # kept even if a later generator is interrupted
-    out = {"bench": "embeddings", "config": json.loads(json.dumps(asdict(cfg), default=str)), "device": "cpu",
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "qa_questions": len(qa.queries),
-           "qa_passages": len(qa.corpus), "results": results, "seconds": round(time.perf_counter() - t0, 1)}
+    out = {"bench": "embeddings", "config": json.loads(json.dumps(asdict(cfg), default=str)), "device": str(base.device),
+           "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "qa_sets": {"qa_all": f"{len(qa_all.queries)} hand-written questions over all {len(qa_all.corpus)} chunks; "
+                                 "includes questions on training passages",
+                       "qa_heldout": f"{len(qa_heldout.queries)} of them whose passage lies in the validation part "
+                                     "of the text, over the same chunks"},
+           "qa_questions": len(qa_all.queries), "qa_heldout_questions": len(qa_heldout.queries),
+           "qa_passages": len(qa_all.corpus), "results": results, "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps(out, default=str), file=json_out or sys.stdout)
-    lines = [f"{'generator':<9} {'set':<4} {'NDCG@10 base->tuned':>20} {'acc@1 base->tuned':>18} {'loop s':>7} {'pairs/s':>8}"]
+    lines = [f"{'generator':<9} {'set':<10} {'NDCG@10 base->tuned':>20} {'acc@1 base->tuned':>18} {'loop s':>7} {'pairs/s':>8}"]
     for gen, r in results.items():
-        for split in ("val", "qa"):
+        for split in ("val", "qa_all", "qa_heldout"):
             b, t = r[split]["base"], r[split]["tuned"]
-            lines.append(f"{gen:<9} {split:<4} {b['ndcg@10']:>9.3f} -> {t['ndcg@10']:.3f} {b['accuracy@1']:>8.3f} -> "
+            lines.append(f"{gen:<9} {split:<10} {b['ndcg@10']:>9.3f} -> {t['ndcg@10']:.3f} {b['accuracy@1']:>8.3f} -> "
                          f"{t['accuracy@1']:.3f} {r['loop_seconds']:>7.0f} {r['train_pairs_per_second']:>8.1f}")
         if "throughput_vs_bare" in r:
             lines.append(f"  bare SentenceTransformerTrainer: {r['bare_trainer']['pairs_per_second']} pairs/s; "
                          f"ours/bare = {r['throughput_vs_bare']}")
+    lines.append(f"qa_all: {out['qa_sets']['qa_all']}; qa_heldout: {out['qa_sets']['qa_heldout']}")
     print("\n".join(lines), file=sys.stderr)
     return out
 

@@ -161,3 +161,13 @@ def test_qa_file_without_the_columns_says_which_it_found(tmp_path):
     (tmp_path / "qa.csv").write_text("prompt,completion\na,b\n")
     with pytest.raises(PairsError, match=r"needs a question column .* found \['completion', 'prompt'\]"):
         read_qa_file(tmp_path / "qa.csv")
+
+
+def test_csv_row_with_extra_fields_is_one_clear_error(tmp_path):
+    # an unquoted comma in an answer: DictReader files the extra field under a None key
+    (tmp_path / "qa.csv").write_text("question,answer\nWhat was revenue?,$8.64 billion\nWho bought it?,Bayline, a lessor\n")
+    with pytest.raises(PairsError, match=r"line 3 has more fields than its header \(2\); quote values") as e:
+        read_qa_file(tmp_path / "qa.csv")
+    assert "\n" not in str(e.value)
+    (tmp_path / "ok.csv").write_text('question,answer\nWho bought it?,"Bayline, a lessor"\n')
+    assert read_qa_file(tmp_path / "ok.csv") == ([("Who bought it?", "Bayline, a lessor")], 0)

@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
+from embeddings import prepare
 from embeddings.config import PrepareConfig
-from embeddings.data import load_pairs
-from embeddings.prepare import main
+from embeddings.data import clean_text, load_pairs, split_sentences
+from embeddings.prepare import generation_batches, main
 from llm_finetune.common import TuneragError, parse_config
 
 REPORT = """QUARTERLY REPORT
@@ -40,6 +41,11 @@ def test_ict_on_the_sample_document(tmp_path, sample_doc, minilm_path):
     assert len(train.corpus) > 3 * len(val.corpus) > 0 and len(train.queries) > 50
     assert not set(train.corpus) & set(val.corpus)
     assert all(cid.startswith("finance_report.txt:train#") for cid in train.corpus)
+    # no leak by text: no validation sentence (passage or query) appears in any training passage or query
+    train_text = "\n".join([*train.corpus.values(), *train.queries.values()])
+    val_sentences = [s for t in [*val.corpus.values(), *val.queries.values()] for s in split_sentences(clean_text(t)[0])]
+    assert len(val_sentences) > 20
+    assert [s for s in val_sentences if len(s.split()) >= 4 and s in train_text] == []
     # ICT: the query sentence is in the document but not in its passage
     qid, query = next(iter(train.queries.items()))
     assert query in " ".join(sample_doc.read_text().split()) and query not in train.corpus[train.relevant_docs[qid][0]]
@@ -59,6 +65,47 @@ def test_split_by_document_and_drop_pattern(two_docs, tmp_path):
     val_docs = {cid.split("#")[0] for cid in val.corpus}
     assert len(train_docs) == len(val_docs) == 1 and train_docs != val_docs
     assert not any("Confidential" in t for t in [*train.corpus.values(), *train.queries.values()])
+
+
+def test_out_is_replaced_whole_and_stats_are_reproducible(two_docs, tmp_path, monkeypatch):
+    out = tmp_path / "pairs"
+    cfg = PrepareConfig(docs=[two_docs], out=out, generator="ict", chunk_tokens=40, chunk_overlap=0)
+    stats = main(cfg)
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(first) == ["prepare_stats.json", "train.json", "val.json"] and "seconds" in stats
+    assert "seconds" not in json.loads(first["prepare_stats.json"])
+    main(cfg)  # same inputs, same bytes: scripts/pipeline.py's hash of the folder does not change
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    # a run cut after train.json leaves the previous complete set, not a new train.json beside an old val.json
+    real_write = prepare.write_json_atomic
+
+    def cut_at_val(path, data):
+        if path.name == "val.json":
+            raise KeyboardInterrupt
+        real_write(path, data)
+
+    monkeypatch.setattr(prepare, "write_json_atomic", cut_at_val)
+    with pytest.raises(KeyboardInterrupt):
+        main(PrepareConfig(docs=[two_docs], out=out, generator="ict", chunk_tokens=40, chunk_overlap=0, seed=7))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs", "pairs"]  # no temp folder left
+    monkeypatch.undo()
+    # a bad --out is one line naming it, before any work
+    (tmp_path / "a_file").write_text("x")
+    for bad, why in ((tmp_path / "a_file", "is a file"), (tmp_path / "a_file" / "sub", "cannot write --out"),
+                     (two_docs, "holds files other than")):
+        with pytest.raises(TuneragError, match=why) as e:
+            main(PrepareConfig(docs=[two_docs], out=bad, generator="ict"))
+        assert str(bad) in str(e.value) and "\n" not in str(e.value)
+    assert (two_docs / "q1.txt").exists() and (tmp_path / "a_file").read_text() == "x"
+
+
+def test_generation_batches_do_not_depend_on_the_cache():
+    keys = [f"k{i}" for i in range(7)]
+    assert generation_batches(keys, set(), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    # k0-k3 cached (a run cut inside the second batch): the first batch is skipped, the second made whole
+    assert generation_batches(keys, {"k0", "k1", "k2", "k3"}, 3) == [[3, 4, 5], [6]]
+    assert generation_batches(keys, set(keys), 3) == []
 
 
 def test_qa_file_becomes_pairs(tmp_path, sample_qa):
@@ -84,6 +131,28 @@ def test_llm_junk_is_counted_and_nothing_half_written(tiny_mistral, two_docs, tm
     with pytest.raises(TuneragError):
         main(cfg)
     assert "2 cached, 0 to generate" in caplog.text and cache.read_text().splitlines() == lines  # resumed, not redone
+
+
+def test_resumed_generation_equals_an_uninterrupted_one(tiny_mistral, sample_doc, tmp_path, caplog):
+    full, cut = tmp_path / "full.jsonl", tmp_path / "cut.jsonl"
+    cfg = PrepareConfig(docs=[sample_doc], out=tmp_path / "out", llm=str(tiny_mistral), chunk_tokens=40, chunk_overlap=0,
+                        max_chunks=3, batch_size=2, max_new_tokens=8, cache=full)
+    caplog.set_level("INFO")
+    with pytest.raises(TuneragError):  # random weights: no questions, but every output is cached
+        main(cfg)
+    lines = full.read_text().splitlines()
+    assert len(lines) == 6
+    # the estimate comes from the first batch, before the other batches run
+    estimate = next(r for r in caplog.records if "first batch:" in r.getMessage())
+    assert "estimate" in estimate.getMessage() and "other 2 batches" in estimate.getMessage()
+    cut.write_text("\n".join(lines[:3]) + "\n")  # interrupted inside the second batch
+    caplog.clear()
+    cfg.cache = cut
+    with pytest.raises(TuneragError):
+        main(cfg)
+    assert "3 cached, 4 to generate (2 batches of up to 2, incl. 1 cached" in caplog.text
+    rows = lambda p: {r["key"]: r["output"] for r in map(json.loads, p.read_text().splitlines())}  # noqa: E731
+    assert rows(cut) == rows(full) and len(cut.read_text().splitlines()) == 6
 
 
 def test_smollm2_writes_questions_and_resumes_from_cache(smollm2_path, two_docs, tmp_path):
