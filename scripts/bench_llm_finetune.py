@@ -88,6 +88,15 @@ def bare_trainer_tokens_per_second(train_cfg, workdir: Path) -> dict:
             "tokens_per_second": steady_tokens_per_second(trainer.state.log_history)}
 
 
+def quiet_stdout(fn, *args):
+    """The Trainer prints its log dicts to stdout; stdout is reserved for the one JSON object."""
+    import contextlib
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    with contextlib.redirect_stdout(sys.stderr):
+        return fn(*args)
+
+
 def in_fresh_process(fn, *args):
     """Run one phase in its own process: a second training in the same process ran 4-5x slower here
     (measured), and each phase gets its own peak RSS."""
@@ -95,11 +104,10 @@ def in_fresh_process(fn, *args):
     from multiprocessing import get_context
 
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
+        return pool.submit(quiet_stdout, fn, *args).result()
 
 
 def phase_ours(train_cfg) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from llm_finetune import train
 
     t0 = time.perf_counter()
@@ -108,7 +116,6 @@ def phase_ours(train_cfg) -> dict:
 
 
 def phase_merge(merge_cfg) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from llm_finetune import merge
 
     t0 = time.perf_counter()
@@ -117,7 +124,6 @@ def phase_merge(merge_cfg) -> dict:
 
 
 def phase_bare(train_cfg, workdir: Path) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     return {**bare_trainer_tokens_per_second(train_cfg, workdir), "peak_rss_gib": peak_rss_gib()}
 
 
