@@ -42,7 +42,7 @@ def render_prompt(tokenizer, passages: list[Any], question: str) -> str:
     at the top of the user turn instead; a tokenizer with no template gets a plain-text prompt."""
     user = user_message(passages, question)
     if not getattr(tokenizer, "chat_template", None):
-        return f"{INSTRUCTIONS}\n\n{user}\nAnswer:"
+        return f"{default_prefix(tokenizer)}{INSTRUCTIONS}\n\n{user}\nAnswer:"
     from jinja2.exceptions import TemplateError
 
     try:
@@ -54,8 +54,17 @@ def render_prompt(tokenizer, passages: list[Any], question: str) -> str:
             [{"role": "user", "content": f"{INSTRUCTIONS}\n\n{user}"}], tokenize=False, add_generation_prompt=True)
 
 
+def default_prefix(tokenizer) -> str:
+    """The BOS text the tokenizer would add itself ("" if none): the pipeline tokenizes prompts without
+    special tokens, so a plain-text prompt carries its BOS in the text, as a chat template does."""
+    ids = tokenizer("x")["input_ids"]
+    bos = tokenizer.bos_token_id
+    return tokenizer.bos_token if bos is not None and ids and ids[0] == bos else ""
+
+
 def count_tokens(tokenizer, text: str) -> int:
-    # The rendered template already holds its special tokens (e.g. <s>), as the pipeline sees it.
+    # Exactly what the pipeline feeds the model: make_llm tokenizes with add_special_tokens=False,
+    # because the rendered prompt already holds its special tokens (e.g. Mistral's <s>).
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -108,10 +117,14 @@ class StopFlag:
     generation thread that HuggingFacePipeline.stream starts does not run on to --max-new-tokens.
 
     It is a logits processor (forcing end-of-sequence) because the pipeline keeps construction-time
-    logits processors on every call, while `stream` replaces any stopping criteria it is given."""
+    logits processors on every call, while `stream` replaces any stopping criteria it is given.
+    `running` is held by whichever thread runs the pipeline, for the whole generation; `failure` holds
+    what a streamed generation raised in its thread (see make_llm)."""
 
     def __init__(self, eos_token_id: int):
         self.event = threading.Event()
+        self.running = threading.Lock()
+        self.failure: Exception | None = None
         self.eos_token_id = eos_token_id
 
     def __call__(self, input_ids, scores):
@@ -120,18 +133,47 @@ class StopFlag:
             scores[:, self.eos_token_id] = 0.0
         return scores
 
+    def ready_for_next(self) -> None:
+        """Wait until a stopped answer's generation thread has ended, then let the next one run: cleared
+        any earlier, the flag would let that thread run on beside the next answer."""
+        if not self.running.acquire(blocking=False):
+            logger.info("waiting for the stopped answer to end")
+            self.running.acquire()
+        try:
+            self.event.clear()
+        finally:
+            self.running.release()
+
 
 def make_llm(model, tokenizer, *, max_new_tokens: int = 256, temperature: float = 0.0):
     """(HuggingFacePipeline over a text-generation pipeline that returns only the new text, its StopFlag)."""
     from langchain_huggingface import HuggingFacePipeline
-    from transformers import LogitsProcessorList, pipeline
+    from transformers import LogitsProcessorList, TextGenerationPipeline, pipeline
 
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     stop = StopFlag(eos)
+
+    class StoppablePipeline(TextGenerationPipeline):
+        def __call__(self, *args, **kwargs):
+            with stop.running:
+                try:
+                    return super().__call__(*args, **kwargs)
+                except Exception as e:
+                    if kwargs.get("streamer") is None:
+                        raise
+                    # In HuggingFacePipeline.stream's thread: hand the error to the reader and end its
+                    # stream now, or it waits out the streamer's 60 s timeout and blames a slow LLM.
+                    stop.failure = e
+                    kwargs["streamer"].end()
+
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     generator = pipeline(
-        "text-generation", model=model, tokenizer=tokenizer, return_full_text=False, max_new_tokens=max_new_tokens,
+        "text-generation", model=model, tokenizer=tokenizer, pipeline_class=StoppablePipeline,
+        return_full_text=False, max_new_tokens=max_new_tokens,
+        # The chat template already wrote the BOS (<s> for Mistral); the tokenizer must not add a second.
+        # A construction-time preprocess setting, so it holds for invoke and for stream alike.
+        add_special_tokens=False,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
         logits_processor=LogitsProcessorList([stop]), **sampling)
     return HuggingFacePipeline(pipeline=generator), stop

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from rag.config import RagConfig
 
 logger = logging.getLogger(__name__)
 
+# langchain's HuggingFacePipeline.stream waits this long for each token (fixed in the library).
+STREAM_TOKEN_TIMEOUT_S = 60
 HELP = "/sources shows the passages behind the last answer; /quit or Ctrl-D leaves; Ctrl-C stops an answer."
 
 
@@ -65,14 +68,18 @@ def format_sources(docs: list[Any]) -> str:
     return "\n".join(lines)
 
 
-def ask(chain, question: str, out: dict, on_token: Callable[[str], None] | None = None) -> dict:
+def ask(chain, question: str, out: dict, on_token: Callable[[str], None] | None = None, stop=None) -> dict:
     """Stream one answer into `out` ({"query", "result", "source_documents"}) and return the seconds
     to retrieval and to the first token. `out` is filled as it goes, so an answer stopped with
-    Ctrl-C still has its passages."""
+    Ctrl-C still has its passages. `stop` is the LLM's StopFlag (rag.chain.make_llm), if there is one."""
+    if stop is not None:
+        stop.ready_for_next()
+        stop.failure = None
     t0 = time.perf_counter()
     marks: dict[str, float] = {}
     out.update(query=question, result="", source_documents=[])
     stream = chain.stream({"query": question})
+    finished = False
     try:
         for chunk in stream:
             if "source_documents" in chunk:
@@ -83,8 +90,18 @@ def ask(chain, question: str, out: dict, on_token: Callable[[str], None] | None 
                 out["result"] += chunk["result"]
                 if on_token:
                     on_token(chunk["result"])
+        finished = True
+    except queue.Empty:  # the library's streamer gave up waiting; its generation thread is still busy
+        raise TuneragError(
+            f"the LLM gave no token for {STREAM_TOKEN_TIMEOUT_S} s, the most the streaming in langchain-huggingface "
+            "waits (a large --llm on CPU reads a long prompt this slowly); use a smaller --llm or a GPU, "
+            "or shorten the prompt with a lower --k or --chunk-size") from None
     finally:
-        stream.close()  # on Ctrl-C: unwinds the pipeline's stream; its StopFlag ends the generation thread
+        if not finished and stop is not None:
+            stop.event.set()  # first: closing the stream waits until the generation thread ends
+        stream.close()  # on Ctrl-C: unwinds the pipeline's stream
+    if stop is not None and stop.failure is not None:  # raised in the generation thread
+        raise stop.failure
     out["result"] = out["result"].strip()
     return marks
 
@@ -115,7 +132,7 @@ class Answerer:
                                  persist_dir=cfg.persist_dir)
         splitter = index.make_splitter(embeddings._client.tokenizer, size, overlap)
         self.report = index.sync_index(store, docs, splitter, reindex=cfg.reindex)
-        self.retriever = index.scored_retriever(store, cfg.k, sorted({d.metadata["sha256"] for d in docs}))
+        self.retriever = index.scored_retriever(store, cfg.k, sorted({d.metadata["source"] for d in docs}))
         self.files = [Path(d.metadata["source"]).name for d in docs]
         self.timings["index"] = time.perf_counter() - t
         self.stop = None
@@ -146,7 +163,7 @@ class Answerer:
             from transformers import set_seed
 
             set_seed(cfg.seed)
-        self.tokenizer = tokenizer
+        self.model, self.tokenizer = model, tokenizer
         llm, self.stop = make_llm(model, tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
         window = context_window(model, tokenizer)
         if window <= cfg.max_new_tokens + 64:
@@ -157,9 +174,7 @@ class Answerer:
     def ask(self, question: str, out: dict, on_token: Callable[[str], None] | None = None) -> dict:
         if not question.strip():
             raise TuneragError("the question is empty; ask something about the document")
-        if self.stop is not None:
-            self.stop.event.clear()
-        marks = ask(self.chain, question.strip(), out, on_token)
+        marks = ask(self.chain, question.strip(), out, on_token, self.stop)
         if self.cfg.retrieve_only:
             out["result"] = None
         return marks
@@ -190,10 +205,19 @@ def one_shot(answerer: Answerer, cfg: RagConfig, t_start: float) -> dict:
 
 
 def batch(answerer: Answerer, cfg: RagConfig, t_start: float) -> list[dict]:
-    results, first = [], None
-    for question in read_questions(cfg.questions):
+    """One JSON line per question; a question that fails gets {"query", "error"} and the rest go on."""
+    results, first, failed = [], None, 0
+    questions = read_questions(cfg.questions)
+    for question in questions:
         out: dict = {}
-        marks = answerer.ask(question, out)
+        try:
+            marks = answerer.ask(question, out)
+        except Exception as e:  # TuneragError (too long, timed out) or a library failure: this question only
+            failed += 1
+            error = str(e) if isinstance(e, TuneragError) else f"{type(e).__name__}: {e}"
+            print(json.dumps({"query": question, "error": error}, ensure_ascii=False), flush=True)
+            results.append({"query": question, "error": error})
+            continue
         if first is None and "first_token" in marks:
             first = answerer.timings["ready"] + marks["first_token"]
         print(json.dumps(to_json(out), ensure_ascii=False), flush=True)
@@ -201,6 +225,8 @@ def batch(answerer: Answerer, cfg: RagConfig, t_start: float) -> list[dict]:
     if cfg.timings:
         print_timings({**answerer.timings, **({"first_token_from_start": first} if first else {}),
                        "total": time.perf_counter() - t_start})
+    if failed:
+        raise TuneragError(f"{failed} of {len(questions)} questions failed; their lines hold \"error\" instead of \"result\"")
     return results
 
 
@@ -256,9 +282,7 @@ def session(answerer: Answerer, cfg: RagConfig) -> None:
             try:
                 answerer.ask(question, out, on_token=lambda s: print(s, end="", flush=True))
                 print(format_sources(out["source_documents"]) if cfg.retrieve_only else "", flush=True)
-            except KeyboardInterrupt:
-                if answerer.stop is not None:
-                    answerer.stop.event.set()
+            except KeyboardInterrupt:  # Answerer.ask has told the generation to stop
                 print(" [stopped]", flush=True)
             except TuneragError as e:
                 print(f"error: {e}", flush=True)

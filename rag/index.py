@@ -1,7 +1,8 @@
 """The durable Chroma index behind `rag.cli`: documents -> token-sized chunks -> vectors on disk.
 
-- Chunk ids are `<sha256 of the file's text>:<chunk position>`, so indexing the same file again finds
-  its vectors already stored and embeds nothing; a changed file gets new ids and its old ones go.
+- A chunk's id is the sha256 of the file's resolved path, the sha256 of its text and the chunk's
+  position, so indexing the same file again finds its vectors already stored and embeds nothing; a
+  changed file gets new ids and its old ones go; two files with the same text never share chunks.
 - The collection name is derived from the embedder's identity and the chunk settings, so two
   embedders (or two chunkings) never share vectors.
 - The store folder carries a marker file; a folder without it (someone else's files, another tool's
@@ -17,6 +18,7 @@ import os
 import re
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,13 +83,17 @@ def make_splitter(tokenizer, chunk_size: int, chunk_overlap: int):
     )
 
 
+def chunk_id(source: str, text_sha: str, position: int) -> str:
+    return hashlib.sha256(f"{source}\0{text_sha}\0{position}".encode("utf-8")).hexdigest()
+
+
 def split_document(doc, splitter) -> tuple[list[Any], list[str]]:
     """The chunks of one document, numbered, and their durable ids."""
     chunks = splitter.split_documents([doc])
     for position, chunk in enumerate(chunks):
         chunk.metadata["chunk"] = position
-    sha = doc.metadata["sha256"]
-    return chunks, [f"{sha}:{position}" for position in range(len(chunks))]
+    source, sha = doc.metadata["source"], doc.metadata["sha256"]
+    return chunks, [chunk_id(source, sha, position) for position in range(len(chunks))]
 
 
 # ---- naming ----
@@ -135,9 +141,13 @@ def open_client(persist_dir: Path):
         if any(not p.name.startswith(".") for p in folder.iterdir()):
             raise StoreError(f"{str(folder)!r} is not a tunerag index (it holds other files); "
                              "pass an empty or new folder as --persist-dir")
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / STORE_MARKER).is_file():
-        _write_marker(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / STORE_MARKER).is_file():
+            _write_marker(folder)
+    except OSError as e:
+        raise StoreError(f"--persist-dir {str(folder)!r} cannot be written ({e.strerror or e}); "
+                         "pass a folder you can write to") from None
     import chromadb
     from chromadb.config import Settings
 
@@ -188,6 +198,21 @@ def open_store(client, name: str, embeddings, metadata: dict[str, Any] | None = 
                          "delete that folder to rebuild it") from None
 
 
+@contextmanager
+def writing_into(store):
+    """A failed write into the store (a read-only folder, a full disk) as one line naming its folder."""
+    import sqlite3
+
+    from chromadb.errors import ChromaError
+
+    try:
+        yield
+    except (OSError, sqlite3.Error, ChromaError) as e:
+        folder = store._client.get_settings().persist_directory
+        raise StoreError(f"the index in {str(folder)!r} cannot be written ({_first_line(e)}); "
+                         "check that folder's permissions and free space, or pass another --persist-dir") from None
+
+
 def sync_index(store, docs: list[Any], splitter, *, reindex: bool = False, show_progress: bool | None = None) -> IndexReport:
     """Bring the collection up to date with `docs`: embed only chunks whose ids are not stored yet,
     and drop the chunks of an earlier version of each file. Returns counts for the caller to report."""
@@ -195,7 +220,8 @@ def sync_index(store, docs: list[Any], splitter, *, reindex: bool = False, show_
 
     t0 = time.perf_counter()
     if reindex:
-        store.reset_collection()
+        with writing_into(store):
+            store.reset_collection()
         logger.info("--reindex: collection %s emptied", store._collection.name)
     collection = store._collection  # the raw chromadb collection: id lookups without embedding anything
     todo: list[tuple[Any, str]] = []
@@ -203,10 +229,11 @@ def sync_index(store, docs: list[Any], splitter, *, reindex: bool = False, show_
     for doc in docs:
         chunks, ids = split_document(doc, splitter)
         total += len(chunks)
-        source, sha = doc.metadata["source"], doc.metadata["sha256"]
-        stale = [i for i in collection.get(where={"source": source}, include=[])["ids"] if not i.startswith(f"{sha}:")]
+        source, wanted = doc.metadata["source"], set(ids)
+        stale = [i for i in collection.get(where={"source": source}, include=[])["ids"] if i not in wanted]
         if stale:
-            collection.delete(ids=stale)
+            with writing_into(store):
+                collection.delete(ids=stale)
             removed += len(stale)
             logger.info("%s changed since it was indexed: removed its %d old chunks", source, len(stale))
         stored = set(collection.get(ids=ids, include=[])["ids"])
@@ -219,7 +246,8 @@ def sync_index(store, docs: list[Any], splitter, *, reindex: bool = False, show_
         with tqdm(total=len(todo), unit="chunk", desc="embedding", disable=None if show_progress is None else not show_progress) as bar:
             for start in range(0, len(todo), EMBED_BATCH):
                 batch = todo[start:start + EMBED_BATCH]
-                store.add_documents([c for c, _ in batch], ids=[i for _, i in batch])
+                with writing_into(store):
+                    store.add_documents([c for c, _ in batch], ids=[i for _, i in batch])
                 bar.update(len(batch))
     seconds = time.perf_counter() - t0
     report = IndexReport(collection.name, len(docs), total, len(todo), reused, removed, round(seconds, 3))
@@ -229,13 +257,13 @@ def sync_index(store, docs: list[Any], splitter, *, reindex: bool = False, show_
     return report
 
 
-def scored_retriever(store, k: int, shas: list[str]):
-    """A Runnable query -> top-k chunks of the given files, each with metadata["score"], the cosine
-    similarity (1 - cosine distance) between question and chunk."""
+def scored_retriever(store, k: int, sources: list[str]):
+    """A Runnable query -> top-k chunks of the given files (resolved paths, as in metadata["source"]),
+    each with metadata["score"], the cosine similarity (1 - cosine distance) between question and chunk."""
     from langchain_core.documents import Document
     from langchain_core.runnables import RunnableLambda
 
-    where = {"sha256": shas[0]} if len(shas) == 1 else {"sha256": {"$in": shas}}
+    where = {"source": sources[0]} if len(sources) == 1 else {"source": {"$in": sources}}
 
     def retrieve(query: str) -> list[Document]:
         hits = store.similarity_search_with_score(query, k=k, filter=where)

@@ -133,3 +133,42 @@ def test_answer_matches_normalises_money_and_percent():
     assert answer_matches("It was $ 415 million.", "$415 million")
     assert answer_matches("CET1 was 11.4 %", "11.4%")
     assert not answer_matches("CET1 was 11.0%", "11.4%")
+
+
+# ---- the real pipeline over the tiny random Mistral ----
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_mistral, mistral_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from rag.chain import make_llm
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral)
+    llm, _ = make_llm(model, mistral_tokenizer, max_new_tokens=2)
+    return model, llm
+
+
+def test_the_model_sees_the_templates_bos_once(tiny_llm, mistral_tokenizer):
+    model, llm = tiny_llm
+    fed = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: fed.append(kwargs["input_ids"][0].tolist()),
+                                           with_kwargs=True)
+    prompt = render_prompt(mistral_tokenizer, docs(PASSAGES[0]), "What was the CET1 ratio?")
+    assert prompt.startswith("<s>[INST]")  # the Mistral v0.1 template writes its own BOS
+    try:
+        for run in (llm.invoke, lambda p: "".join(llm.stream(p))):
+            fed.clear()
+            run(prompt)
+            bos = mistral_tokenizer.bos_token_id
+            assert fed[0][0] == bos and fed[0][1] != bos and fed[0].count(bos) == 1
+            assert len(fed[0]) == count_tokens(mistral_tokenizer, prompt)  # what fit_prompt measured
+    finally:
+        hook.remove()
+
+
+def test_a_plain_prompt_carries_the_bos_the_tokenizer_would_add(mistral_tokenizer):
+    plain = copy.deepcopy(mistral_tokenizer)
+    plain.chat_template = None
+    prompt = render_prompt(plain, docs(PASSAGES[0]), "CET1?")
+    assert prompt.startswith(f"<s>{INSTRUCTIONS}")
+    assert plain(prompt, add_special_tokens=False)["input_ids"].count(plain.bos_token_id) == 1

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from llm_finetune.common import TuneragError
-from rag.cli import main
+from rag.cli import Answerer, main
 from rag.config import RagConfig
 
 QUESTION = "How much did the group receive for the equipment leasing business?"
@@ -97,7 +97,107 @@ def test_non_utf8_text_warns_and_goes_on(tmp_path, caplog, capsys):
     assert "not valid UTF-8" in caplog.text and "8,64 milliards" in out["source_documents"][0].page_content
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "binary", "empty question", "foreign store", "embedder folder"])
+def test_questions_file_goes_on_after_a_bad_question(store, sample_doc, tiny_mistral, tmp_path, capsys):
+    questions = tmp_path / "q.txt"
+    too_long = "What was the CET1 ratio? " * 600  # more tokens than the LLM's context
+    questions.write_text(f"{QUESTION}\n{too_long}\nWhat was the CET1 ratio?\n")
+    with pytest.raises(TuneragError, match="1 of 3 questions failed"):
+        main(RagConfig(file=[sample_doc], questions=questions, llm=str(tiny_mistral), persist_dir=store, max_new_tokens=4))
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["query"] for line in lines] == [QUESTION, too_long.strip(), "What was the CET1 ratio?"]
+    assert "result" in lines[0] and "result" in lines[2]
+    assert set(lines[1]) == {"query", "error"} and "the question alone needs" in lines[1]["error"]
+
+
+@pytest.fixture(scope="module")
+def answerer(store, sample_doc, tiny_mistral):
+    return Answerer(RagConfig(file=[sample_doc], question=QUESTION, llm=str(tiny_mistral), persist_dir=store,
+                              max_new_tokens=30), time.perf_counter())
+
+
+@pytest.fixture
+def slow_forward(answerer):
+    """Each forward of the LLM takes at least `delay[0]` seconds; returns (delay, [(thread, start, end)])."""
+    delay, calls, starts = [0.0], [], {}
+    model = answerer.model
+
+    def before(*_):
+        import threading
+
+        starts[threading.get_ident()] = time.monotonic()
+        time.sleep(delay[0])
+
+    def after(*_):
+        import threading
+
+        ident = threading.get_ident()
+        calls.append((ident, starts[ident], time.monotonic()))
+
+    hooks = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+    yield delay, calls
+    for hook in hooks:
+        hook.remove()
+
+
+def test_a_stopped_answer_ends_before_the_next_begins(answerer, slow_forward):
+    delay, calls = slow_forward
+    delay[0] = 0.05  # 30 new tokens take 1.5 s: a generation left running would overlap the next answer
+
+    def interrupt(_):
+        raise KeyboardInterrupt  # Ctrl-C as the first words stream
+
+    with pytest.raises(KeyboardInterrupt):
+        answerer.ask(QUESTION, {}, on_token=interrupt)
+    stopped = calls[0][0]
+    out: dict = {}
+    answerer.ask("What was the CET1 ratio?", out)
+    first = [c for c in calls if c[0] == stopped]
+    second = [c for c in calls if c[0] != stopped]
+    assert second and len(first) < 30  # the stopped generation did not run on to --max-new-tokens
+    assert max(end for _, _, end in first) <= min(start for _, start, _ in second)
+    assert len(second) == 30 or out["result"]  # the next answer was not cut short by the old Ctrl-C
+
+
+@pytest.fixture
+def quick_streamer(monkeypatch):
+    """langchain's 60 s wait per streamed token, shortened to 0.3 s."""
+    import transformers
+
+    class QuickStreamer(transformers.TextIteratorStreamer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "timeout": 0.3})
+
+    monkeypatch.setattr(transformers, "TextIteratorStreamer", QuickStreamer)
+
+
+def test_a_slow_first_token_is_one_clear_error(answerer, slow_forward, quick_streamer):
+    delay, calls = slow_forward
+    delay[0] = 1.0
+    with pytest.raises(TuneragError, match="the LLM gave no token for 60 s") as raised:
+        answerer.ask(QUESTION, {})
+    assert "--llm" in str(raised.value) and "\n" not in str(raised.value)
+    assert answerer.stop.running.acquire(timeout=30)  # told to stop, the generation ends at its next token
+    answerer.stop.running.release()
+    assert len(calls) <= 3
+
+
+def test_a_failure_in_the_generation_thread_is_raised_at_once(answerer, quick_streamer):
+    def broken(*_):
+        raise RuntimeError("out of memory (simulated)")
+
+    hook = answerer.model.register_forward_pre_hook(broken)
+    try:  # not the streamer's timeout (0.3 s here, 60 s in the library) blaming a slow LLM
+        with pytest.raises(RuntimeError, match="out of memory"):
+            answerer.ask(QUESTION, {})
+    finally:
+        hook.remove()
+    out: dict = {}
+    answerer.ask(QUESTION, out)  # the next question works
+    assert out["result"]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "binary", "empty question", "foreign store", "embedder folder",
+                                  "store under a file"])
 def test_bad_input_is_one_line_and_exit_2(case, tmp_path, sample_doc):
     doc, store, extra = sample_doc, tmp_path / "db", []
     if case == "missing":
@@ -111,6 +211,9 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, sample_doc):
     elif case == "foreign store":
         store.mkdir()
         (store / "thesis.tex").write_text("mine")
+    elif case == "store under a file":
+        (tmp_path / "plain.txt").write_text("a file, not a folder")
+        store = tmp_path / "plain.txt" / "db"
     elif case == "embedder folder":
         (tmp_path / "not-a-model").mkdir()
         extra = ["--embeddings", str(tmp_path / "not-a-model")]
@@ -122,7 +225,8 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, sample_doc):
     assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
     expected = {"missing": "does not exist", "empty": "is empty", "binary": "looks binary",
                 "empty question": "question is empty", "foreign store": "is not a tunerag index",
-                "embedder folder": "is not a model folder"}[case]
+                "embedder folder": "is not a model folder",
+                "store under a file": f"--persist-dir {str(store)!r} cannot be written"}[case]
     assert expected in errors[0]
 
 
