@@ -240,7 +240,8 @@ def write_report(cfg: PipelineConfig, out: Path, manifest: Manifest, emb_scores:
     # 3. Loss curves of both fine-tunes
     history = emb_metrics.get("log_history", [])
     ndcg_key = f"eval_{emb_metrics.get('main_metric', 'val_cosine_ndcg@10')}"
-    plot_curves({"training loss (MNRL)": [(e["step"], e["loss"]) for e in history if "loss" in e]},
+    plot_curves({"training loss (MNRL)": [(e["step"], e["loss"]) for e in history if "loss" in e],
+                 "eval loss (val pairs)": [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e]},
                 plots / "embedder_loss.png", "Embedding fine-tune", "loss",
                 right={"val NDCG@10": [(e["step"], e[ndcg_key]) for e in history if ndcg_key in e]},
                 right_label="NDCG@10")
