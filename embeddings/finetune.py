@@ -148,7 +148,7 @@ def train_and_save(cfg: FinetuneConfig, config: dict, train: Pairs, val: Pairs, 
         eval_strategy=strategy, eval_steps=cfg.eval_steps or None,
         save_strategy=strategy, save_steps=cfg.eval_steps or None, save_total_limit=1, save_only_model=True,
         load_best_model_at_end=True, metric_for_best_model=f"eval_{MAIN_METRIC}", greater_is_better=True,
-        logging_steps=max(1, cfg.eval_steps or 10), report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+        logging_steps=2, report_to="none", seed=cfg.seed, data_seed=cfg.seed,  # CPU runs are tens of steps long
         disable_tqdm=False,
     )
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from llm_finetune.common import TuneragError
 from llm_finetune.models import DEFAULT_TRAIN_MODEL, SMOLLM2
 
 PRESETS: dict[str, dict[str, Any]] = {

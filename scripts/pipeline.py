@@ -25,13 +25,13 @@ import json
 import logging
 import os
 import shutil
-import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from embeddings.data import write_json_atomic
+from embeddings.data import write_json_atomic as _write_json_atomic
 from llm_finetune.common import run_cli
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,11 @@ def hash_paths(paths: list[Path]) -> str:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     digest.update(block)
     return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """JSON (paths and other objects as strings) written atomically."""
+    _write_json_atomic(path, json.loads(json.dumps(data, default=str)))
 
 
 def step_key(settings: dict, inputs: list[Path]) -> str:
@@ -332,8 +337,8 @@ def rag_evaluation(cfg: PipelineConfig, out: Path) -> dict:
     n_gen = cfg.rag_questions or len(items)
     bench = BenchRagConfig(file=cfg.docs, qa=cfg.questions, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
                            gen_questions=n_gen)
-    store = out / "rag_eval_db"
-    shutil.rmtree(store, ignore_errors=True)
+    # a new folder each time: chromadb keeps clients per path, so a deleted and re-created path is stale in-process
+    store = Path(tempfile.mkdtemp(prefix=".rag_eval_db-", dir=out))
     retrieval = {spec: bench_embedder(bench, spec, items, store) for spec in (cfg.embedder, str(out / "emb-tuned"))}
     rows = []
     for label, emb, llm in rag_configurations(cfg, out):
