@@ -190,7 +190,8 @@ def llm_queries(chunks: list[Chunk], cfg: PrepareConfig) -> tuple[dict[str, tupl
                 prompt_tokens, len(todo) * cfg.max_new_tokens, cache.path)
 
     def generate(batch: list[Chunk]) -> None:
-        enc = tokenizer([prompts[c.id] for c in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer([prompts[c.id] for c in batch], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(model.device)
         if cfg.temperature > 0:  # seeded by the batch's content, so a resumed run draws the same
             torch.manual_seed(stable_rng(cfg.seed, *(keys[c.id] for c in batch)).getrandbits(63))
         with torch.inference_mode():

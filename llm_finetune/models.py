@@ -159,8 +159,12 @@ def load_llm(spec: str, **kwargs: Any):
     """(model, tokenizer) for an LLM spec; kwargs go to `AutoModelForCausalLM.from_pretrained`."""
     from transformers import AutoModelForCausalLM
 
+    import torch
+
     resolved = resolve_llm(spec)
     tokenizer = load_tokenizer(resolved)
+    if torch.cuda.is_available():  # generation on a GPU box runs on the GPU, not on its CPU
+        kwargs.setdefault("device_map", "auto")
     model = load_or_explain(
         AutoModelForCausalLM.from_pretrained, spec, resolved, kind="LLM", instead=LLM_INSTEAD, **kwargs
     )
