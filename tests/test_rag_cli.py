@@ -124,14 +124,15 @@ def slow_forward(answerer):
     def before(*_):
         import threading
 
-        starts[threading.get_ident()] = time.monotonic()
+        starts[threading.current_thread()] = time.monotonic()
         time.sleep(delay[0])
 
     def after(*_):
         import threading
 
-        ident = threading.get_ident()
-        calls.append((ident, starts[ident], time.monotonic()))
+        # the Thread object, not get_ident(): a finished thread's ident is reused by the next one
+        thread = threading.current_thread()
+        calls.append((thread, starts[thread], time.monotonic()))
 
     hooks = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
     yield delay, calls
