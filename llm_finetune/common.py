@@ -25,6 +25,12 @@ class TuneragError(Exception):
     """A failure the user can fix; commands print its one-line message, never a traceback."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception as one short line for a user-facing message (its type when it has no text)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
 def tunerag_home() -> Path:
     """Cache for converted models and generated data: $TUNERAG_HOME, default ~/.cache/tunerag."""
     return Path(os.environ.get("TUNERAG_HOME") or "~/.cache/tunerag").expanduser()

@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from llm_finetune.common import TuneragError
+from llm_finetune.common import TuneragError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,7 @@ def _load_hub_rows(name: str) -> list[dict[str, Any]]:
     try:
         return datasets.load_dataset(name, split="train").to_list()
     except Exception as e:  # noqa: BLE001 - offline, unknown id, no train split: all one line for the user
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise DataError(f"--data {name!r} is not a local file and could not be loaded from the hub ({reason}); "
+        raise DataError(f"--data {name!r} is not a local file and could not be loaded from the hub ({first_line(e)}); "
                         "pass a local .json/.jsonl/.csv file") from None
 
 

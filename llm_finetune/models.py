@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from llm_finetune.common import TuneragError, tunerag_home
+from llm_finetune.common import TuneragError, first_line, tunerag_home
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +86,7 @@ def load_or_explain(load, spec: str, resolved: str, *, kind: str, instead: str, 
     except OSError as e:
         if resolved != spec or Path(resolved).exists():
             raise
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ModelNotFoundError(f"{kind} {spec!r} could not be fetched from the hub ({reason}); pass {instead}") from None
+        raise ModelNotFoundError(f"{kind} {spec!r} could not be fetched from the hub ({first_line(e)}); pass {instead}") from None
 
 
 LLM_INSTEAD = f"a local model folder (e.g. the output of llm_finetune.merge) or the embedded '{SMOLLM2}'"

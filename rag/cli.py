@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from llm_finetune.common import TuneragError, run_cli, tunerag_home
+from llm_finetune.common import TuneragError, first_line, run_cli, tunerag_home
 from rag.config import RagConfig
 
 logger = logging.getLogger(__name__)
@@ -157,8 +157,7 @@ class Answerer:
         try:
             model, tokenizer = load_llm(cfg.llm, dtype="auto")
         except (OSError, ValueError, KeyError) as e:
-            text = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise TuneragError(f"LLM {cfg.llm!r} could not be loaded ({text}); pass {LLM_INSTEAD}") from None
+            raise TuneragError(f"LLM {cfg.llm!r} could not be loaded ({first_line(e)}); pass {LLM_INSTEAD}") from None
         if cfg.temperature > 0:
             from transformers import set_seed
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from embeddings.documents import find_documents, read_document
-from llm_finetune.common import TuneragError
+from llm_finetune.common import TuneragError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -155,14 +155,9 @@ def open_client(persist_dir: Path):
         client = chromadb.PersistentClient(path=str(folder), settings=Settings(anonymized_telemetry=False))
         client.list_collections()  # a damaged database fails here, not half-way through indexing
     except Exception as e:  # chromadb raises many types (sqlite, Rust bindings); all mean the same here
-        raise StoreError(f"the index in {str(folder)!r} cannot be opened ({_first_line(e)}); "
+        raise StoreError(f"the index in {str(folder)!r} cannot be opened ({first_line(e)}); "
                          "delete that folder to rebuild it, or pass another --persist-dir") from None
     return client
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0][:200] if text else type(e).__name__)
 
 
 def load_embeddings(spec: str):
@@ -175,7 +170,7 @@ def load_embeddings(spec: str):
     try:
         embeddings = HuggingFaceEmbeddings(model_name=resolved, encode_kwargs={"normalize_embeddings": True})
     except (OSError, ValueError, KeyError) as e:
-        raise TuneragError(f"embedder {spec!r} could not be loaded ({_first_line(e)}); pass {EMBEDDER_INSTEAD}") from None
+        raise TuneragError(f"embedder {spec!r} could not be loaded ({first_line(e)}); pass {EMBEDDER_INSTEAD}") from None
     return embeddings, resolved
 
 
@@ -194,7 +189,7 @@ def open_store(client, name: str, embeddings, metadata: dict[str, Any] | None = 
         return Chroma(collection_name=name, embedding_function=embeddings, client=client,
                       collection_metadata=metadata or None, collection_configuration={"hnsw": {"space": "cosine"}})
     except Exception as e:
-        raise StoreError(f"collection {name!r} in {str(persist_dir)!r} cannot be opened ({_first_line(e)}); "
+        raise StoreError(f"collection {name!r} in {str(persist_dir)!r} cannot be opened ({first_line(e)}); "
                          "delete that folder to rebuild it") from None
 
 
@@ -209,7 +204,7 @@ def writing_into(store):
         yield
     except (OSError, sqlite3.Error, ChromaError) as e:
         folder = store._client.get_settings().persist_directory
-        raise StoreError(f"the index in {str(folder)!r} cannot be written ({_first_line(e)}); "
+        raise StoreError(f"the index in {str(folder)!r} cannot be written ({first_line(e)}); "
                          "check that folder's permissions and free space, or pass another --persist-dir") from None
 
 
