@@ -29,9 +29,14 @@ class PrepareConfig:
     generator: Literal["llm", "ict"] = field(default="llm", metadata={
         "help": "llm: a local causal LM writes questions per chunk. ict: inverse cloze task, a sentence "
                 "of the chunk is the query and the rest of the chunk the passage (no LLM, fast)."})
-    questions_per_chunk: int = field(default=2, metadata={"help": "Queries per chunk (questions or ICT sentences)."})
+    questions_per_chunk: int = field(default=2, metadata={
+        "help": "Queries per chunk: ICT sentences, or LLM questions (one prompt per picked sentence of the chunk)."})
     llm: str = field(default=SMOLLM2, metadata={
         "help": "LLM for --generator llm: a local folder (e.g. a merged model), a hub id, or the embedded 'smollm2'."})
+    roundtrip_top_k: int = field(default=3, metadata={
+        "help": "--generator llm: keep a training question only if --embedder ranks its own chunk in the top K "
+                "training chunks (drops questions the chunk does not answer); 0: keep all. Validation questions "
+                "are never filtered, so the base model is not favoured there."})
     embedder: str = field(default=MINILM, metadata={
         "help": "Embedder whose tokenizer and max_seq_length size the chunks (the model you will fine-tune)."})
     chunk_tokens: int = field(default=128, metadata={
@@ -45,8 +50,8 @@ class PrepareConfig:
     val_fraction: float = field(default=0.2, metadata={"help": "Share of documents (or of the text) used for validation."})
     max_chunks: int = field(default=0, metadata={
         "help": "Use only the first N chunks of each side (0: all); to bound LLM generation time."})
-    batch_size: int = field(default=8, metadata={"help": "Chunks per LLM generation batch."})
-    max_new_tokens: int = field(default=64, metadata={"help": "LLM tokens generated per chunk (a question is about 20)."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts (one per question) per LLM generation batch."})
+    max_new_tokens: int = field(default=48, metadata={"help": "LLM tokens generated per question (a question is about 20)."})
     temperature: float = field(default=0.0, metadata={"help": "0: greedy decoding; >0: sampling seeded by --seed."})
     cache: Path | None = field(default=None, metadata={
         "help": "JSONL cache of generated questions (resumes interrupted runs); "
@@ -68,6 +73,8 @@ class PrepareConfig:
             raise ValueError(f"--chunk-overlap ({self.chunk_overlap}) must be >= 0 and < half of --chunk-tokens ({self.chunk_tokens})")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"--val-fraction ({self.val_fraction}) must be between 0 and 1")
+        if self.roundtrip_top_k < 0:
+            raise ValueError(f"--roundtrip-top-k ({self.roundtrip_top_k}) must be >= 0")
         if self.batch_size < 1 or self.max_new_tokens < 8 or self.max_chunks < 0 or self.temperature < 0:
             raise ValueError("--batch-size must be >= 1, --max-new-tokens >= 8, --max-chunks >= 0, --temperature >= 0")
         import re

@@ -148,31 +148,68 @@ def stable_rng(seed: int, *parts: str) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-def ict_pairs(chunk: Chunk, n: int, seed: int, min_words: int = 5) -> tuple[list[str], str]:
-    """Inverse cloze task: (query sentences, passage). Up to `n` sentences the chunk does not share
-    with a neighbour (so no other passage contains them verbatim) become queries; the passage is
-    the chunk without them. Needs at least one sentence left over; else ([], chunk text)."""
+def pick_sentences(chunk: Chunk, n: int, seed: int, min_words: int = 5) -> list[int]:
+    """Indices of up to `n` sentences of at least `min_words` words that the chunk does not share with
+    a neighbour (so no other passage holds them verbatim), drawn by `seed` and the chunk's text."""
     eligible = [i for i in chunk.own if len(chunk.sentences[i].split()) >= min_words]
-    n = min(n, len(eligible), len(chunk.sentences) - 1)
-    if n <= 0:
+    return sorted(stable_rng(seed, chunk.text).sample(eligible, min(n, len(eligible))))
+
+
+def ict_pairs(chunk: Chunk, n: int, seed: int, min_words: int = 5) -> tuple[list[str], str]:
+    """Inverse cloze task: (query sentences, passage). Up to `n` sentences from `pick_sentences`
+    become queries; the passage is the chunk without them. Needs at least one sentence left over;
+    else ([], chunk text)."""
+    picked = pick_sentences(chunk, min(n, len(chunk.sentences) - 1), seed, min_words)
+    if not picked:
         return [], chunk.text
-    picked = sorted(stable_rng(seed, chunk.text).sample(eligible, n))
     passage = " ".join(s for i, s in enumerate(chunk.sentences) if i not in picked)
     return [chunk.sentences[i] for i in picked], passage
+
+
+def question_contexts(chunk: Chunk, n: int, seed: int) -> list[str]:
+    """What the LLM sees for each of a chunk's `n` questions: a sentence from `pick_sentences` with
+    the sentence before it (for what "it" or "the ratio" refers to). One question per sentence keeps
+    a small model's questions on different facts and answerable from the chunk; the whole chunk
+    when no sentence qualifies."""
+    picked = pick_sentences(chunk, n, seed)
+    return [" ".join(chunk.sentences[max(0, i - 1): i + 1]) for i in picked] or [chunk.text]
 
 
 QA_PROMPT = (
     "Context information is below.\n\n"
     "---------------------\n{context}\n---------------------\n\n"
-    "Given the context information and not prior knowledge, generate {n} questions based on the context only. "
-    "You are a teacher setting {n} questions for a quiz. The questions should be diverse in nature and "
-    "answerable from the context. Write one question per line, each ending with a question mark, and nothing else."
+    "Given the context information and not prior knowledge, write one question that the context answers. "
+    "Write only the question."
+)
+
+# Worked examples shown before each request (two per prompt, drawn by the context): a 135M model
+# copies a demonstrated question far better than it follows an instruction alone.
+QUESTION_SHOTS = (
+    ("Operating expenses rose 4% to $2.1 billion, driven by higher technology spending and wage inflation, "
+     "partly offset by lower occupancy costs.", "What drove the increase in operating expenses?"),
+    ("The Common Equity Tier 1 ratio was 11.8% at year end, well above the regulatory minimum of 7.0% "
+     "including buffers.", "What was the CET1 ratio at the end of the year?"),
+    ("Management expects loan growth in the low single digits next year as higher rates dampen mortgage demand.",
+     "How much loan growth does management expect next year?"),
+    ("The allowance for credit losses increased because of weaker conditions in commercial real estate, "
+     "particularly office properties.", "Why did the allowance for credit losses go up?"),
 )
 
 
-def question_prompt(context: str, n: int) -> str:
-    """The user message asking an LLM for `n` questions about `context` (after LlamaIndex's QA prompt)."""
-    return QA_PROMPT.format(context=context, n=n)
+def question_messages(context: str, seed: int) -> list[dict[str, str]]:
+    """Chat messages asking for one question about `context` (LlamaIndex's QA prompt, one question),
+    after two worked examples."""
+    messages = []
+    for shot_context, shot_question in stable_rng(seed, context).sample(QUESTION_SHOTS, 2):
+        messages += [{"role": "user", "content": QA_PROMPT.format(context=shot_context)},
+                     {"role": "assistant", "content": shot_question}]
+    return messages + [{"role": "user", "content": QA_PROMPT.format(context=context)}]
+
+
+def plain_question_prompt(messages: list[dict[str, str]]) -> str:
+    """`question_messages` as plain text, for a base model without a chat template."""
+    turns = [f"{m['content']}\n\n" if m["role"] == "user" else f"Question: {m['content']}\n\n" for m in messages]
+    return "".join(turns) + "Question:"
 
 
 _LIST_MARKER = re.compile(r"^\s*(?:(?:q(?:uestion)?\s*)?\d+\s*[.):\]-]|[-*\u2022>#]+|q(?:uestion)?\s*\d*\s*[:.])\s*", re.I)

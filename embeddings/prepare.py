@@ -30,8 +30,8 @@ from pathlib import Path
 
 from embeddings.config import PrepareConfig
 from embeddings.data import (
-    Chunk, Pairs, chunk_sentences, clean_text, ict_pairs, parse_questions, qa_to_pairs, question_prompt,
-    read_qa_file, split_by_position, split_documents, split_sentences, stable_rng, write_json_atomic,
+    Chunk, Pairs, chunk_sentences, clean_text, ict_pairs, normalise_question, parse_questions, plain_question_prompt,
+    qa_to_pairs, question_contexts, question_messages, read_qa_file, split_by_position, split_documents, split_sentences, stable_rng, write_json_atomic,
 )
 from embeddings.documents import find_documents, read_document
 from llm_finetune.common import TuneragError, run_cli, tunerag_home
@@ -153,14 +153,15 @@ def generation_batches(keys: list[str], cached: set[str], batch_size: int) -> li
     return [batch for batch in batches if any(keys[i] not in cached for i in batch)]
 
 
-def render_prompt(tokenizer, user: str) -> str:
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
-    return user + "\n\n1."  # a base model without a chat template: start the list for it
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return plain_question_prompt(messages)  # a base model without a chat template
 
 
 def llm_queries(chunks: list[Chunk], cfg: PrepareConfig) -> tuple[dict[str, tuple[list[str], str]], dict]:
-    """Questions for each chunk from cfg.llm, generated in batches, cached, and parsed."""
+    """Questions for each chunk from cfg.llm: one prompt per picked sentence (`question_contexts`),
+    generated in batches, cached per prompt, and parsed; the passage is the whole chunk."""
     import torch
     from tqdm.auto import tqdm
 
@@ -174,58 +175,91 @@ def llm_queries(chunks: list[Chunk], cfg: PrepareConfig) -> tuple[dict[str, tupl
         tokenizer.pad_token = tokenizer.eos_token
     fingerprint = model_fingerprint(cfg.llm, resolved)
     settings = json.dumps({"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                           "seed": cfg.seed if cfg.temperature > 0 else None, "n": cfg.questions_per_chunk})
-    prompts, keys = {}, {}
+                           "seed": cfg.seed if cfg.temperature > 0 else None})
+    owners, prompts, keys = [], [], []  # one entry per prompt, in chunk order
     for c in chunks:
-        prompts[c.id] = render_prompt(tokenizer, question_prompt(c.text, cfg.questions_per_chunk))
-        keys[c.id] = hashlib.sha256("\x1f".join([fingerprint, prompts[c.id], c.text, settings]).encode()).hexdigest()
+        for context in question_contexts(c, cfg.questions_per_chunk, cfg.seed):
+            prompt = render_prompt(tokenizer, question_messages(context, cfg.seed))
+            owners.append(c)
+            prompts.append(prompt)
+            keys.append(hashlib.sha256("\x1f".join([fingerprint, prompt, settings]).encode()).hexdigest())
     cache = QuestionCache(cfg.cache or tunerag_home() / "embeddings" / "question_cache.jsonl")
-    batches = generation_batches([keys[c.id] for c in chunks], set(cache.outputs), cfg.batch_size)
-    todo = [chunks[i] for batch in batches for i in batch]
-    new = sum(keys[c.id] not in cache.outputs for c in chunks)
-    prompt_tokens = sum(len(tokenizer(prompts[c.id], add_special_tokens=False)["input_ids"]) for c in todo)
-    logger.info("LLM questions: %d chunks, %d cached, %d to generate (%d batches of up to %d, incl. %d cached chunks "
-                "that share a batch with new ones) with %s: about %d prompt tokens + up to %d new tokens (cache: %s)",
-                len(chunks), len(chunks) - new, len(todo), len(batches), cfg.batch_size, len(todo) - new, cfg.llm,
-                prompt_tokens, len(todo) * cfg.max_new_tokens, cache.path)
+    batches = generation_batches(keys, set(cache.outputs), cfg.batch_size)
+    todo = [i for batch in batches for i in batch]
+    new = sum(k not in cache.outputs for k in keys)
+    prompt_tokens = sum(len(tokenizer(prompts[i], add_special_tokens=False)["input_ids"]) for i in todo)
+    logger.info("LLM questions: %d prompts for %d chunks, %d cached, %d to generate (%d batches of up to %d, incl. %d "
+                "cached prompts that share a batch with new ones) with %s: about %d prompt tokens + up to %d new tokens "
+                "(cache: %s)", len(keys), len(chunks), len(keys) - new, len(todo), len(batches), cfg.batch_size,
+                len(todo) - new, cfg.llm, prompt_tokens, len(todo) * cfg.max_new_tokens, cache.path)
 
-    def generate(batch: list[Chunk]) -> None:
-        enc = tokenizer([prompts[c.id] for c in batch], return_tensors="pt", padding=True,
+    def generate(batch: list[int]) -> None:
+        enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
                         add_special_tokens=False).to(model.device)
         if cfg.temperature > 0:  # seeded by the batch's content, so a resumed run draws the same
-            torch.manual_seed(stable_rng(cfg.seed, *(keys[c.id] for c in batch)).getrandbits(63))
+            torch.manual_seed(stable_rng(cfg.seed, *(keys[i] for i in batch)).getrandbits(63))
         with torch.inference_mode():
             generated = model.generate(
                 **enc, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
                 temperature=cfg.temperature if cfg.temperature > 0 else None, top_p=None, top_k=None,
                 pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        cache.add({keys[c.id]: t for c, t in zip(batch, texts) if keys[c.id] not in cache.outputs})
+        cache.add({keys[i]: t for i, t in zip(batch, texts) if keys[i] not in cache.outputs})
 
     # The first batch, timed, gives the estimate before the long loop starts.
     started = time.perf_counter()
     if batches:
-        logger.info("timing the first batch (%d chunks)...", len(batches[0]))
-        generate([chunks[i] for i in batches[0]])
+        logger.info("timing the first batch (%d prompts)...", len(batches[0]))
+        generate(batches[0])
         first = time.perf_counter() - started
         logger.info("first batch: %.1f s; estimate %.0f s for the other %d batches (rough: a batch whose rows all end "
                     "early is faster, a longer prompt slower)", first, first * (len(batches) - 1), len(batches) - 1)
-    with tqdm(total=len(todo), initial=len(batches[0]) if batches else 0, desc="generating questions", unit="chunk",
+    with tqdm(total=len(todo), initial=len(batches[0]) if batches else 0, desc="generating questions", unit="prompt",
               disable=len(batches) < 2) as bar:
         for batch in batches[1:]:
-            generate([chunks[i] for i in batch])
+            generate(batch)
             bar.update(len(batch))
     totals = {"kept": 0, "not_question": 0, "too_short": 0, "duplicate": 0, "extra": 0}
-    result = {}
-    for c in chunks:
-        questions, counts = parse_questions(cache.outputs[keys[c.id]], cfg.questions_per_chunk)
+    questions: dict[str, list[str]] = {c.id: [] for c in chunks}
+    for owner, key in zip(owners, keys):
+        parsed, counts = parse_questions(cache.outputs[key], 1)
         for k, v in counts.items():
             totals[k] += v
-        result[c.id] = (questions, c.text)
-    stats = {"generated": len(todo), "from_cache": len(chunks) - len(todo),
+        if parsed and normalise_question(parsed[0]) in map(normalise_question, questions[owner.id]):
+            totals["kept"] -= 1  # two sentences of one chunk gave the same question
+            totals["duplicate"] += 1
+            continue
+        questions[owner.id] += parsed
+    stats = {"prompts": len(keys), "generated": len(todo), "from_cache": len(keys) - len(todo),
              "generation_seconds": round(time.perf_counter() - started, 1), "parsed": totals}
-    logger.info("generated %d chunks in %.1f s", len(todo), stats["generation_seconds"])
-    return result, stats
+    logger.info("generated %d prompts in %.1f s", len(todo), stats["generation_seconds"])
+    return {c.id: (questions[c.id], c.text) for c in chunks}, stats
+
+
+def roundtrip_filter(queries: dict[str, tuple[list[str], str]], chunks: list[Chunk], embedder: str,
+                     top_k: int) -> tuple[dict[str, tuple[list[str], str]], int]:
+    """(queries, dropped): keep a question only if `embedder` ranks its own chunk in the top `top_k`
+    of `chunks` (round-trip consistency, as in Promptagator): drops questions that the chunk does
+    not answer or that fit any chunk. Needs more than `top_k` chunks; else nothing is dropped."""
+    from sentence_transformers.util import semantic_search
+
+    from embeddings.models import load_embedder
+
+    flat = [(c.id, q) for c in chunks for q in queries[c.id][0]]
+    if not flat or len(chunks) <= top_k:
+        return queries, 0
+    model = load_embedder(embedder)
+    corpus = model.encode([c.text for c in chunks], convert_to_tensor=True, normalize_embeddings=True,
+                          show_progress_bar=False)
+    asked = model.encode([q for _, q in flat], convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
+    hits = semantic_search(asked, corpus, top_k=top_k)
+    ids = [c.id for c in chunks]
+    kept = {c.id: [] for c in chunks}
+    for (cid, question), top in zip(flat, hits):
+        if cid in {ids[h["corpus_id"]] for h in top}:
+            kept[cid].append(question)
+    out = dict(queries) | {cid: (qs, queries[cid][1]) for cid, qs in kept.items()}
+    return out, len(flat) - sum(map(len, kept.values()))
 
 
 # --------------------------------------------------------------------------- main
@@ -324,6 +358,13 @@ def make_pairs(cfg: PrepareConfig) -> tuple[dict, Pairs, Pairs]:
             dropped = sum(v for k, v in parsed.items() if k != "kept")
             logger.info("parsed %d questions from %d chunks; dropped %d lines (%s)", parsed["kept"], len(chunks),
                         dropped, ", ".join(f"{k} {v}" for k, v in parsed.items() if k != "kept"))
+            if cfg.roundtrip_top_k:
+                queries, stats["llm"]["roundtrip_dropped"] = roundtrip_filter(
+                    queries, train_chunks, cfg.embedder, cfg.roundtrip_top_k)
+                logger.info("round-trip filter: dropped %d of %d training questions whose chunk %s does not rank in "
+                            "the top %d", stats["llm"]["roundtrip_dropped"],
+                            sum(len(queries[c.id][0]) for c in train_chunks) + stats["llm"]["roundtrip_dropped"],
+                            cfg.embedder, cfg.roundtrip_top_k)
         train, empty_train = build_pairs(train_chunks, queries)
         val, empty_val = build_pairs(val_chunks, queries)
         stats.update(source="documents", generator=cfg.generator, chunks_train=len(train_chunks),

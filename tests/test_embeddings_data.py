@@ -5,7 +5,8 @@ import json
 import pytest
 
 from embeddings.data import (
-    Chunk, PairsError, chunk_sentences, clean_text, ict_pairs, load_pairs, pairs_from_json, parse_questions,
+    QUESTION_SHOTS, Chunk, PairsError, chunk_sentences, clean_text, ict_pairs, load_pairs, pairs_from_json, parse_questions,
+    plain_question_prompt, question_contexts, question_messages,
     qa_to_pairs, read_qa_file, split_by_position, split_documents, split_sentences, write_json_atomic,
 )
 
@@ -81,6 +82,27 @@ def test_ict_takes_own_sentences_out_of_the_passage():
     assert ict_pairs(chunk, 2, seed=7) == (queries, passage)  # deterministic for a seed
     shared = Chunk("doc", 1, " ".join(sentences), sentences, own=[])
     assert ict_pairs(shared, 2, seed=7) == ([], shared.text)
+
+
+def test_llm_prompts_ask_one_question_per_picked_sentence_after_two_examples():
+    sentences = ["The bank sold its leasing unit.", "It received $415 million in cash for the unit.",
+                 "The board raised the dividend by ten percent.", "Hi."]
+    chunk = Chunk("doc", 0, " ".join(sentences), sentences, own=[0, 1, 2, 3])
+    contexts = question_contexts(chunk, 2, seed=7)
+    assert len(contexts) == 2 and question_contexts(chunk, 2, seed=7) == contexts
+    # each context ends with a picked sentence and starts with the one before it (what "It" refers to)
+    for context in contexts:
+        i = next(i for i, s in enumerate(sentences) if context.endswith(s))
+        assert i < 3 and context == " ".join(sentences[max(0, i - 1): i + 1])
+    assert question_contexts(chunk, 9, seed=7) == [sentences[0], " ".join(sentences[:2]), " ".join(sentences[1:3])]
+    shared = Chunk("doc", 1, chunk.text, sentences, own=[])
+    assert question_contexts(shared, 2, seed=7) == [chunk.text]  # no sentence of its own: the whole chunk
+    messages = question_messages(contexts[0], seed=7)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]
+    assert contexts[0] in messages[-1]["content"] and "one question" in messages[-1]["content"]
+    assert {m["content"] for m in messages[1:4:2]} <= {q for _, q in QUESTION_SHOTS}
+    plain = plain_question_prompt(messages)
+    assert plain.endswith("Question:") and plain.count("Question: ") == 2 and contexts[0] in plain
 
 
 def test_parse_questions_handles_numbering_bullets_and_junk():

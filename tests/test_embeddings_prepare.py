@@ -9,7 +9,7 @@ import pytest
 
 from embeddings import prepare
 from embeddings.config import PrepareConfig
-from embeddings.data import clean_text, load_pairs, split_sentences
+from embeddings.data import Chunk, clean_text, load_pairs, split_sentences
 from embeddings.prepare import generation_batches, main
 from llm_finetune.common import TuneragError, parse_config
 
@@ -118,7 +118,7 @@ def test_qa_file_becomes_pairs(tmp_path, sample_qa):
 def test_llm_junk_is_counted_and_nothing_half_written(tiny_mistral, two_docs, tmp_path, caplog):
     cache = tmp_path / "cache.jsonl"
     cfg = PrepareConfig(docs=[two_docs], out=tmp_path / "out", llm=str(tiny_mistral), chunk_tokens=40, chunk_overlap=0,
-                        max_chunks=1, max_new_tokens=12, cache=cache)
+                        max_chunks=1, questions_per_chunk=1, max_new_tokens=12, cache=cache)
     caplog.set_level("INFO")
     with pytest.raises(TuneragError, match="no usable queries on the train side") as e:
         main(cfg)  # random weights write no questions
@@ -136,7 +136,7 @@ def test_llm_junk_is_counted_and_nothing_half_written(tiny_mistral, two_docs, tm
 def test_resumed_generation_equals_an_uninterrupted_one(tiny_mistral, sample_doc, tmp_path, caplog):
     full, cut = tmp_path / "full.jsonl", tmp_path / "cut.jsonl"
     cfg = PrepareConfig(docs=[sample_doc], out=tmp_path / "out", llm=str(tiny_mistral), chunk_tokens=40, chunk_overlap=0,
-                        max_chunks=3, batch_size=2, max_new_tokens=8, cache=full)
+                        max_chunks=3, questions_per_chunk=1, batch_size=2, max_new_tokens=8, cache=full)
     caplog.set_level("INFO")
     with pytest.raises(TuneragError):  # random weights: no questions, but every output is cached
         main(cfg)
@@ -160,13 +160,29 @@ def test_smollm2_writes_questions_and_resumes_from_cache(smollm2_path, two_docs,
                         max_new_tokens=40, cache=tmp_path / "cache.jsonl")
     stats = main(cfg)
     llm = stats["llm"]
-    assert llm["generated"] == 2 and llm["parsed"]["kept"] >= 2
+    assert llm["prompts"] == llm["generated"] == 4 and llm["parsed"]["kept"] >= 3  # 2 sentences x 2 chunks
     queries = list(load_pairs(tmp_path / "a" / "train.json").queries.values())
-    assert all(q.endswith("?") and len(q.split()) >= 3 for q in queries)
+    assert queries and all(q.endswith("?") and len(q.split()) >= 3 for q in queries)
     cfg.out = tmp_path / "b"
     again = main(cfg)
-    assert again["llm"]["generated"] == 0 and again["llm"]["from_cache"] == 2
+    assert again["llm"]["generated"] == 0 and again["llm"]["from_cache"] == 4
     assert (tmp_path / "a" / "train.json").read_text() == (tmp_path / "b" / "train.json").read_text()
+
+
+def test_roundtrip_filter_drops_questions_their_chunk_does_not_answer(minilm_path):
+    texts = ["The bank sold its equipment leasing subsidiary to Bayline Capital for $415 million in cash.",
+             "Net charge-offs were 0.31% of average loans, below the industry average of 0.45%.",
+             "The board declared a quarterly dividend of 52 cents per share, up from 48 cents.",
+             "The CET1 ratio ended the year at 11.8%, well above the regulatory minimum."]
+    chunks = [Chunk("doc", i, t, [t], [0]) for i, t in enumerate(texts)]
+    queries = {"doc#0": (["Who bought the equipment leasing subsidiary?", "What was the quarterly dividend per share?"],
+                         texts[0]),
+               "doc#1": (["How did net charge-offs compare with the industry?"], texts[1]),
+               "doc#2": ([], texts[2]), "doc#3": (["What was the CET1 ratio at year end?"], texts[3])}
+    kept, dropped = prepare.roundtrip_filter(queries, chunks, str(minilm_path), top_k=1)
+    assert dropped == 1 and kept["doc#0"] == (["Who bought the equipment leasing subsidiary?"], texts[0])
+    assert {cid: v for cid, v in kept.items() if cid != "doc#0"} == {cid: v for cid, v in queries.items() if cid != "doc#0"}
+    assert prepare.roundtrip_filter(queries, chunks, str(minilm_path), top_k=4) == (queries, 0)  # too few chunks to rank
 
 
 def test_bad_documents_are_one_line(tmp_path, caplog):
