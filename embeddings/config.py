@@ -96,9 +96,9 @@ class FinetuneConfig:
     val: Path = field(metadata={"help": "val.json, same layout; scored every --eval-steps and picks the best checkpoint."})
     model: str = field(default=MINILM, metadata={"help": "Base embedder: a local folder, a hub id, or the embedded 'minilm'."})
     out: Path = field(default=Path("models/emb-tuned"), metadata={"help": "Folder for the tuned model (SentenceTransformer(out) loads it)."})
-    epochs: float = field(default=4.0, metadata={"help": "Training epochs."})
+    epochs: float = field(default=2.0, metadata={"help": "Training epochs."})
     batch_size: int = field(default=32, metadata={"help": "Pairs per batch; every other passage in the batch is a negative."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (linear decay)."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (linear decay)."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Share of steps spent warming up the learning rate."})
     eval_steps: int = field(default=0, metadata={"help": "Evaluate on --val every N steps (0: once per epoch)."})
     hard_negatives: int = field(default=0, metadata={

@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import resource
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,15 +51,21 @@ class BenchConfig:
     generator: list[str] = field(default_factory=lambda: ["ict", "llm"], metadata={"help": "Generators to run (repeatable)."})
     max_chunks: int = field(default=0, metadata={"help": "Limit chunks per side for the llm generator (0: all)."})
     bare: bool = field(default=True, metadata={"help": "Also time a bare SentenceTransformerTrainer on the ict data."})
+    throughput_rounds: int = field(default=2, metadata={
+        "help": "With --bare: rounds of (bare script, embeddings.finetune), each run in a fresh process, whose mean "
+                "pairs/s give the throughput ratio."})
     epochs: float = field(default=FinetuneConfig.epochs, metadata={"help": "Training epochs."})
     batch_size: int = field(default=FinetuneConfig.batch_size, metadata={"help": "Training batch size."})
     learning_rate: float = field(default=FinetuneConfig.learning_rate, metadata={"help": "Learning rate."})
+    warmup_ratio: float = field(default=FinetuneConfig.warmup_ratio, metadata={"help": "Warmup ratio."})
     work: Path | None = field(default=None, metadata={"help": "Working folder (default: a temp folder)."})
     seed: int = field(default=42, metadata={"help": "Seed."})
 
 
 def peak_rss_mib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """Peak resident memory of this process or of its largest child (finetune runs in a child)."""
+    kib = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return round(kib / 1024, 1)
 
 
 def qa_pairs_over_chunks(qa_path: Path, prepare_cfg: PrepareConfig) -> tuple[Pairs, Pairs]:
@@ -76,6 +87,27 @@ def qa_pairs_over_chunks(qa_path: Path, prepare_cfg: PrepareConfig) -> tuple[Pai
             pairs.queries[item["id"]] = item["question"]
             pairs.relevant_docs[item["id"]] = relevant
     return every, heldout
+
+
+def finetune_in_process_of_its_own(cfg: FinetuneConfig) -> dict:
+    """`python -m embeddings.finetune` as a user runs it, in a fresh process; its metrics.json.
+    (A second training run inside one process runs slower here, which would skew comparisons.)"""
+    cmd = [sys.executable, "-m", "embeddings.finetune", "--train", str(cfg.train), "--val", str(cfg.val),
+           "--out", str(cfg.out), "--model", cfg.model, "--learning-rate", str(cfg.learning_rate),
+           "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if done.returncode:
+        raise SystemExit(f"error: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    return json.loads((cfg.out / "metrics.json").read_text())
+
+
+def stdout_to_stderr() -> None:
+    sys.stdout = sys.stderr  # the trainer prints its logs; our stdout carries one JSON object
+
+
+def bare_in_process_of_its_own(*args) -> dict:
+    with multiprocessing.get_context("spawn").Pool(1, initializer=stdout_to_stderr) as pool:
+        return pool.apply(bare_trainer, args)
 
 
 def bare_trainer(train_json: Path, val_json: Path, out: Path, cfg: BenchConfig) -> dict:
@@ -100,7 +132,7 @@ def bare_trainer(train_json: Path, val_json: Path, out: Path, cfg: BenchConfig) 
         score_functions={"cosine": cos_sim}, main_score_function="cosine", write_csv=False)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out), num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate, warmup_ratio=FinetuneConfig.warmup_ratio,
+        learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio,
         batch_sampler=BatchSamplers.NO_DUPLICATES, eval_strategy="epoch", save_strategy="epoch", save_total_limit=1,
         save_only_model=True, load_best_model_at_end=True, metric_for_best_model="eval_val_cosine_ndcg@10",
         logging_steps=10, report_to="none", seed=cfg.seed, data_seed=cfg.seed)
@@ -118,7 +150,7 @@ def main(cfg: BenchConfig, json_out=None) -> dict:
     import torch
     from transformers import set_seed
 
-    from embeddings import evaluate, finetune, prepare
+    from embeddings import evaluate, prepare
     from embeddings.models import MINILM, load_embedder
 
     set_seed(cfg.seed)
@@ -139,9 +171,11 @@ def main(cfg: BenchConfig, json_out=None) -> dict:
         if "llm" in stats:
             r["pairs"]["llm"] = stats["llm"]
         started = time.perf_counter()
-        metrics = finetune.main(FinetuneConfig(
+        finetune_cfg = FinetuneConfig(
             train=work / f"pairs-{gen}" / "train.json", val=work / f"pairs-{gen}" / "val.json", out=work / f"model-{gen}",
-            epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed))
+            epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+            warmup_ratio=cfg.warmup_ratio, seed=cfg.seed)
+        metrics = finetune_in_process_of_its_own(finetune_cfg)
         r["finetune_seconds"] = round(time.perf_counter() - started, 1)
         r["train_pairs_per_second"] = metrics["pairs_per_second"]
         r["steps"] = metrics["steps"]
@@ -156,9 +190,15 @@ def main(cfg: BenchConfig, json_out=None) -> dict:
         r["peak_rss_mib"] = peak_rss_mib()
         results[gen] = r
         if gen == "ict" and cfg.bare:
-            bare = bare_trainer(work / "pairs-ict" / "train.json", work / "pairs-ict" / "val.json", work / "bare", cfg)
-            r["bare_trainer"] = bare
-            r["throughput_vs_bare"] = round(r["train_pairs_per_second"] / bare["pairs_per_second"], 3)
+            ours, bare = [], []
+            for _ in range(cfg.throughput_rounds):  # alternated, so drift in machine load hits both alike
+                shutil.rmtree(work / "bare", ignore_errors=True)
+                bare.append(bare_in_process_of_its_own(finetune_cfg.train, finetune_cfg.val, work / "bare", cfg))
+                shutil.rmtree(work / "again", ignore_errors=True)
+                ours.append(finetune_in_process_of_its_own(replace(finetune_cfg, out=work / "again"))["pairs_per_second"])
+            r["bare_trainer"] = {"pairs_per_second": [b["pairs_per_second"] for b in bare],
+                                 "val_ndcg@10": bare[0]["val_ndcg@10"], "ours_pairs_per_second": ours}
+            r["throughput_vs_bare"] = round(statistics.mean(ours) / statistics.mean(r["bare_trainer"]["pairs_per_second"]), 3)
         logger.info("%s done: %s", gen, json.dumps(r, default=str))  # kept even if a later generator is interrupted
     out = {"bench": "embeddings", "config": json.loads(json.dumps(asdict(cfg), default=str)), "device": str(base.device),
            "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -176,8 +216,9 @@ def main(cfg: BenchConfig, json_out=None) -> dict:
             lines.append(f"{gen:<9} {split:<10} {b['ndcg@10']:>9.3f} -> {t['ndcg@10']:.3f} {b['accuracy@1']:>8.3f} -> "
                          f"{t['accuracy@1']:.3f} {r['loop_seconds']:>7.0f} {r['train_pairs_per_second']:>8.1f}")
         if "throughput_vs_bare" in r:
-            lines.append(f"  bare SentenceTransformerTrainer: {r['bare_trainer']['pairs_per_second']} pairs/s; "
-                         f"ours/bare = {r['throughput_vs_bare']}")
+            lines.append(f"  pairs/s in fresh processes, alternated: bare SentenceTransformerTrainer "
+                         f"{r['bare_trainer']['pairs_per_second']}, embeddings.finetune "
+                         f"{r['bare_trainer']['ours_pairs_per_second']}; ours/bare = {r['throughput_vs_bare']}")
     lines.append(f"qa_all: {out['qa_sets']['qa_all']}; qa_heldout: {out['qa_sets']['qa_heldout']}")
     print("\n".join(lines), file=sys.stderr)
     return out
