@@ -8,8 +8,10 @@ Documents are cleaned (whitespace collapsed, --drop-pattern lines removed), cut 
 packed into chunks that fit the embedder's tokenizer (all-MiniLM-L6-v2 reads 256 tokens; more is
 silently truncated), then each chunk gets queries. Train and val never share a chunk: with 2+
 documents whole documents go to val, with one document the last part of the text does.
-LLM questions are cached per chunk (JSONL, one line per generated chunk), so a rerun resumes; the
-batches are fixed by chunk order, so a resumed run writes what an uninterrupted one would.
+The LLM writes one question per prompt, a prompt per picked sentence of a chunk; its outputs are
+cached per prompt (JSONL, one line each), so a rerun resumes; the batches are fixed by prompt order,
+so a resumed run writes what an uninterrupted one would. Training questions whose chunk the base
+embedder does not rank in its top K are dropped (--roundtrip-top-k).
 Writes train.json, val.json and prepare_stats.json into a temp folder beside --out and swaps it in
 whole: --out holds either the complete new set or the previous one. prepare_stats.json describes the
 data only (the same inputs give the same bytes; scripts/pipeline.py hashes the folder); timings and
@@ -31,7 +33,8 @@ from pathlib import Path
 from embeddings.config import PrepareConfig
 from embeddings.data import (
     Chunk, Pairs, chunk_sentences, clean_text, ict_pairs, normalise_question, parse_questions, plain_question_prompt,
-    qa_to_pairs, question_contexts, question_messages, read_qa_file, split_by_position, split_documents, split_sentences, stable_rng, write_json_atomic,
+    qa_to_pairs, question_contexts, question_messages, read_qa_file, split_by_position, split_documents,
+    split_sentences, stable_rng, write_json_atomic,
 )
 from embeddings.documents import find_documents, read_document
 from llm_finetune.common import TuneragError, run_cli, tunerag_home
@@ -139,12 +142,6 @@ class QuestionCache:
         self.outputs.update(rows)
 
 
-def model_fingerprint(spec: str, resolved: str) -> str:
-    """The spec plus, for a local folder, its config's mtime: retraining into the same folder invalidates the cache."""
-    config = Path(resolved) / "config.json"
-    return f"{spec}|{resolved}|{config.stat().st_mtime_ns if config.is_file() else ''}"
-
-
 def generation_batches(keys: list[str], cached: set[str], batch_size: int) -> list[list[int]]:
     """Indices of the batches to generate: the full list cut in order into `batch_size` batches, less
     those fully cached. Batched greedy decoding with left padding is not batch-invariant (a row's
@@ -165,7 +162,7 @@ def llm_queries(chunks: list[Chunk], cfg: PrepareConfig) -> tuple[dict[str, tupl
     import torch
     from tqdm.auto import tqdm
 
-    from llm_finetune.models import load_llm, resolve_llm
+    from llm_finetune.models import load_llm, model_identity, resolve_llm
 
     resolved = resolve_llm(cfg.llm)
     model, tokenizer = load_llm(cfg.llm, dtype=torch.float32)
@@ -173,7 +170,7 @@ def llm_queries(chunks: list[Chunk], cfg: PrepareConfig) -> tuple[dict[str, tupl
     tokenizer.padding_side = "left"  # decoder-only: pad on the left so every row ends where generation starts
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    fingerprint = model_fingerprint(cfg.llm, resolved)
+    fingerprint = model_identity(resolved)  # retraining into the same folder invalidates the cache
     settings = json.dumps({"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                            "seed": cfg.seed if cfg.temperature > 0 else None})
     owners, prompts, keys = [], [], []  # one entry per prompt, in chunk order

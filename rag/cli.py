@@ -110,6 +110,7 @@ class Answerer:
     """Everything loaded once: the index, the retriever and (unless --retrieve-only) the chain."""
 
     def __init__(self, cfg: RagConfig, t_start: float):
+        from llm_finetune.models import model_identity
         from rag import index
 
         self.cfg = cfg
@@ -126,7 +127,7 @@ class Answerer:
         overlap = cfg.chunk_overlap if cfg.chunk_overlap < size else size // 2
         if overlap != cfg.chunk_overlap:
             logger.info("note: --chunk-overlap %d lowered to %d, half the capped chunk size", cfg.chunk_overlap, overlap)
-        name = index.collection_name(cfg.embeddings, index.embedder_identity(resolved), size, overlap)
+        name = index.collection_name(cfg.embeddings, model_identity(resolved), size, overlap)
         store = index.open_store(client, name, embeddings,
                                  metadata={"embedder": resolved, "chunk_size": size, "chunk_overlap": overlap},
                                  persist_dir=cfg.persist_dir)

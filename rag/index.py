@@ -98,19 +98,6 @@ def split_document(doc, splitter) -> tuple[list[Any], list[str]]:
 
 # ---- naming ----
 
-def embedder_identity(resolved: str) -> str:
-    """What makes two embedders the same: a hub id as is; for a folder, its path and the name,
-    size and modification time of every file in it (a re-trained model in the same folder differs)."""
-    folder = Path(resolved)
-    if not folder.is_dir():
-        return resolved
-    files = sorted(
-        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-        for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
-    )
-    return json.dumps({"path": str(folder.resolve()), "files": files})
-
-
 def collection_name(embedder_spec: str, identity: str, chunk_size: int, chunk_overlap: int) -> str:
     """A Chroma collection name (3-63 chars of [a-zA-Z0-9._-], alphanumeric at both ends)."""
     digest = hashlib.sha256(f"{identity}|{chunk_size}|{chunk_overlap}".encode()).hexdigest()[:12]

@@ -33,6 +33,7 @@ from typing import Any, Callable, Literal
 
 from embeddings.data import write_json_atomic as _write_json_atomic
 from llm_finetune.common import run_cli
+from llm_finetune.models import model_identity
 
 logger = logging.getLogger(__name__)
 
@@ -350,12 +351,6 @@ def rag_evaluation(cfg: PipelineConfig, out: Path) -> dict:
     return {"retrieval": list(retrieval.values()), "configurations": rows}
 
 
-def model_stamp(spec: str) -> str:
-    """A model spec plus, for a local folder, its config's size and mtime: a retrained folder is a new input."""
-    config = Path(spec) / "config.json"
-    return f"{spec}|{config.stat().st_size}|{config.stat().st_mtime_ns}" if config.is_file() else spec
-
-
 def resumable(folder: Path, key: str, last_checkpoint: Callable[[Path], Path | None], allow: bool = True) -> bool:
     """True when `folder` holds an unfinished training run of these very inputs, with a checkpoint;
     otherwise (or when not `allow`ed) the folder is emptied and stamped with `key` for a fresh run."""
@@ -392,7 +387,7 @@ def main(cfg: PipelineConfig) -> dict:
     prepare_cfg = PrepareConfig(docs=cfg.docs, out=pairs, generator=cfg.generator, llm=cfg.llm, embedder=cfg.embedder,
                                 max_chunks=cfg.max_chunks, cache=out / "question_cache.jsonl")
     documents = find_documents(cfg.docs)  # the files prepare reads: other files beside them change nothing
-    run_step(manifest, cfg, "prepare", asdict(prepare_cfg) | {"llm_files": model_stamp(cfg.llm)}, documents, [pairs],
+    run_step(manifest, cfg, "prepare", asdict(prepare_cfg) | {"llm_files": model_identity(cfg.llm)}, documents, [pairs],
              lambda: emb_prepare.main(prepare_cfg))
 
     finetune_cfg = FinetuneConfig(train=pairs / "train.json", val=pairs / "val.json", model=cfg.embedder, out=emb_tuned,
@@ -406,7 +401,7 @@ def main(cfg: PipelineConfig) -> dict:
 
     train_cfg = TrainConfig(preset=cfg.llm_preset, base_model=cfg.llm, data=str(cfg.instructions), out=str(adapter),
                             **({"max_steps": cfg.llm_max_steps} if cfg.llm_max_steps else {}))
-    train_settings = asdict(train_cfg) | {"base_files": model_stamp(cfg.llm)}
+    train_settings = asdict(train_cfg) | {"base_files": model_identity(cfg.llm)}
     train_key = step_key(train_settings, [cfg.instructions])
     forced = "llm_train" in cfg.force or "all" in cfg.force
     if forced or not manifest.is_complete("llm_train", train_key, [adapter]):
@@ -423,7 +418,7 @@ def main(cfg: PipelineConfig) -> dict:
              lambda: llm_merge.main(merge_cfg))
 
     rag_settings = {"k": cfg.k, "max_new_tokens": cfg.max_new_tokens, "rag_questions": cfg.rag_questions,
-                    "embedder": cfg.embedder, "llm": cfg.llm, "llm_files": model_stamp(cfg.llm)}
+                    "embedder": cfg.embedder, "llm": cfg.llm, "llm_files": model_identity(cfg.llm)}
     rag = run_step(manifest, cfg, "rag_eval", rag_settings, [*documents, cfg.questions, emb_tuned, merged], [],
                    lambda: rag_evaluation(cfg, out))
 

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from llm_finetune.models import model_identity
 from rag import index
 from rag.metrics import recall_at_k
 
@@ -27,7 +28,7 @@ def splitter(minilm):
 
 def open_minilm_store(folder, minilm):
     embeddings, resolved = minilm
-    name = index.collection_name("minilm", index.embedder_identity(resolved), CHUNK, OVERLAP)
+    name = index.collection_name("minilm", model_identity(resolved), CHUNK, OVERLAP)
     return index.open_store(index.open_client(folder), name, embeddings)
 
 
@@ -151,14 +152,14 @@ def test_different_embedders_and_chunkings_get_different_collections(tmp_path, m
     copy = tmp_path / "tuned"
     shutil.copytree(resolved, copy)  # same weights at another path: treated as another model, never shared
     names = {
-        index.collection_name("minilm", index.embedder_identity(resolved), 254, 50),
-        index.collection_name(str(copy), index.embedder_identity(str(copy)), 254, 50),
-        index.collection_name("minilm", index.embedder_identity(resolved), 128, 50),
-        index.collection_name("minilm", index.embedder_identity(resolved), 254, 20),
+        index.collection_name("minilm", model_identity(resolved), 254, 50),
+        index.collection_name(str(copy), model_identity(str(copy)), 254, 50),
+        index.collection_name("minilm", model_identity(resolved), 128, 50),
+        index.collection_name("minilm", model_identity(resolved), 254, 20),
     }
     assert len(names) == 4
     (copy / "model.safetensors").write_bytes(b"retrained")  # a re-trained model in the same folder
-    assert index.collection_name(str(copy), index.embedder_identity(str(copy)), 254, 50) not in names
+    assert index.collection_name(str(copy), model_identity(str(copy)), 254, 50) not in names
     for name in names:
         assert 3 <= len(name) <= 63 and name[0].isalnum() and name[-1].isalnum()
 
