@@ -90,7 +90,8 @@ def main(cfg: SweepConfig, json_out=None) -> dict:
                 seconds.append(metrics["train_seconds"])
                 best.append(metrics["best_checkpoint"])
             row = {"data": data, "questions_per_chunk": qpc, "roundtrip_top_k": top_k, "learning_rate": lr,
-                   "epochs": epochs, "batch_size": batch, "train_pairs": metrics["data"]["train_pairs"], "best_checkpoints": best,
+                   "epochs": epochs, "batch_size": batch, "train_pairs": metrics["data"]["train_pairs"],
+                   "best_checkpoints": best,
                    "train_seconds": round(statistics.mean(seconds), 1),
                    **{f"{k}_ndcg@10": round(statistics.mean(v), 4) for k, v in scores.items()},
                    **{f"{k}_ndcg@10_by_seed": v for k, v in scores.items()}}
@@ -102,12 +103,15 @@ def main(cfg: SweepConfig, json_out=None) -> dict:
            "base_ndcg@10": {d: {k: round(v["ndcg@10"], 4) for k, v in b.items()} for d, b in baselines.items()},
            "selected_by_val": rows[0], "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps(out), file=json_out or sys.stdout)
-    lines = [f"{'data':>8} {'lr':>7} {'epochs':>6} {'batch':>5} {'val':>6} {'qa_all':>6} {'qa_held':>7} {'train s':>7}"]
+    lines = [f"{'data':>8} {'lr':>7} {'epochs':>6} {'batch':>5} {'val':>6} {'gain':>6} {'qa_all':>6} {'qa_held':>7} "
+             f"{'train s':>7}"]
     for data, b in out["base_ndcg@10"].items():
-        lines.append(f"{data:>8} {'base':>7} {'':>6} {'':>5} {b['val']:>6.3f} {b['qa_all']:>6.3f} {b['qa_heldout']:>7.3f}")
+        lines.append(f"{data:>8} {'base':>7} {'':>6} {'':>5} {b['val']:>6.3f} {'':>6} {b['qa_all']:>6.3f} "
+                     f"{b['qa_heldout']:>7.3f}")
     for r in rows:
         lines.append(f"{r['data']:>8} {r['learning_rate']:>7.0e} {r['epochs']:>6g} {r['batch_size']:>5} "
-                     f"{r['val_ndcg@10']:>6.3f} {r['qa_all_ndcg@10']:>6.3f} {r['qa_heldout_ndcg@10']:>7.3f} {r['train_seconds']:>7.0f}")
+                     f"{r['val_ndcg@10']:>6.3f} {r['val_gain']:>+6.3f} {r['qa_all_ndcg@10']:>6.3f} "
+                     f"{r['qa_heldout_ndcg@10']:>7.3f} {r['train_seconds']:>7.0f}")
     lines.append("NDCG@10, mean over seeds; ranked by the gain on val over base (val is the only set used to choose).")
     print("\n".join(lines), file=sys.stderr)
     return out
