@@ -142,8 +142,8 @@ def test_out_and_resume_errors(tiny_qlora_run, tiny_mistral, sample_alpaca, tmp_
 
 def run_train_cli(args, **kwargs):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "llm_finetune.train", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    kwargs = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kwargs}
+    return subprocess.Popen([sys.executable, "-m", "llm_finetune.train", *args], cwd=REPO, env=env, text=True, **kwargs)
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
@@ -157,15 +157,19 @@ def test_cli_bad_input_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_names_the_last_checkpoint(tiny_mistral, sample_alpaca, tmp_path):
     out = tmp_path / "run"
-    proc = run_train_cli(["--base-model", str(tiny_mistral), "--data", str(sample_alpaca), "--val-size", "4",
-                          "--max-length", "96", "--max-steps", "500", "--batch-size", "1", "--grad-accum", "1",
-                          "--eval-steps", "500", "--save-steps", "2", "--out", str(out)])
-    deadline = time.time() + 240
-    while last_complete_checkpoint(out) is None and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:  # a file, not a pipe: a child whose progress bars fill a pipe would block
+        proc = run_train_cli(["--base-model", str(tiny_mistral), "--data", str(sample_alpaca), "--val-size", "4",
+                              "--max-length", "96", "--max-steps", "100000", "--batch-size", "1", "--grad-accum", "1",
+                              "--eval-steps", "100000", "--save-steps", "2", "--out", str(out)],
+                             stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.time() + 240
+        while last_complete_checkpoint(out) is None and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    err = log.read_text()
+    assert proc.returncode == 130, err[-3000:]
     assert "last complete checkpoint" in err and "--resume" in err
     assert last_complete_checkpoint(out) is not None
 

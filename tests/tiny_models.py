@@ -53,10 +53,12 @@ def save_tiny_mistral(folder: Path, seed: int = 0) -> Path:
 
 def save_tiny_bert(folder: Path, minilm_folder: Path) -> Path:
     """A 1-layer, 16-wide random BERT with MiniLM's tokenizer; SentenceTransformer adds mean pooling."""
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_folder)
     tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)  # the same random weights every run: tests that train it must not depend on luck
     BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32, max_position_embeddings=256)).save_pretrained(folder)
     return folder
