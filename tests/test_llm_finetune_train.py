@@ -140,6 +140,12 @@ def test_out_and_resume_errors(tiny_qlora_run, tiny_mistral, sample_alpaca, tmp_
         main(small_cfg(tiny_mistral, sample_alpaca, tmp_path / "empty", resume=True))
 
 
+def default_sigint():
+    """In the child before exec: tests started in the background (`cmd &` in a script) inherit SIGINT
+    ignored, and exec keeps it ignored, so Ctrl-C would never reach the training."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_train_cli(args, **kwargs):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     kwargs = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kwargs}
@@ -162,7 +168,7 @@ def test_ctrl_c_stops_cleanly_and_names_the_last_checkpoint(tiny_mistral, sample
         proc = run_train_cli(["--base-model", str(tiny_mistral), "--data", str(sample_alpaca), "--val-size", "4",
                               "--max-length", "96", "--max-steps", "100000", "--batch-size", "1", "--grad-accum", "1",
                               "--eval-steps", "100000", "--save-steps", "2", "--out", str(out)],
-                             stdout=subprocess.DEVNULL, stderr=stderr)
+                             stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=default_sigint)
         deadline = time.time() + 240
         while last_complete_checkpoint(out) is None and proc.poll() is None and time.time() < deadline:
             time.sleep(0.5)

@@ -7,6 +7,7 @@ import os
 import pty
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -246,6 +247,9 @@ class Terminal:
     def __init__(self, argv, env):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:
+            # Ctrl-C must raise KeyboardInterrupt in the child even when the tests run in the background
+            # (`cmd &` in a script starts them with SIGINT ignored, and exec keeps ignored signals ignored).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.environ.update(env)
             os.execvp(argv[0], argv)
         self.seen, self.pos = b"", 0
