@@ -22,7 +22,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llm_finetune.common import parse_config
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a checkout without an install
+
+from llm_finetune.common import parse_config  # noqa: E402
 
 logger = logging.getLogger("bench_llm_finetune")
 

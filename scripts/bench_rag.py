@@ -18,11 +18,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from embeddings.models import MINILM
-from llm_finetune.common import run_cli
-from llm_finetune.models import SMOLLM2
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # runs from a checkout without an install
+
+from embeddings.models import MINILM  # noqa: E402
+from llm_finetune.common import run_cli  # noqa: E402
+from llm_finetune.models import SMOLLM2  # noqa: E402
 logger = logging.getLogger("bench_rag")
 
 

@@ -1,0 +1,17 @@
+"""The benchmark and sweep scripts start and explain their flags (they take minutes to run for real;
+their numbers are in the README, with the command lines that produced them)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.parametrize("script", ["bench_embeddings.py", "sweep_embeddings.py", "bench_llm_finetune.py", "bench_rag.py"])
+def test_script_help(script):
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "usage:" in run.stdout and "--" in run.stdout
