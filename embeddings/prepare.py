@@ -255,7 +255,7 @@ def roundtrip_filter(queries: dict[str, tuple[list[str], str]], chunks: list[Chu
     for (cid, question), top in zip(flat, hits):
         if cid in {ids[h["corpus_id"]] for h in top}:
             kept[cid].append(question)
-    out = dict(queries) | {cid: (qs, queries[cid][1]) for cid, qs in kept.items()}
+    out = queries | {cid: (qs, queries[cid][1]) for cid, qs in kept.items()}
     return out, len(flat) - sum(map(len, kept.values()))
 
 

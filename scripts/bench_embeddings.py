@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import resource
 import shutil
@@ -101,15 +100,6 @@ def finetune_in_process_of_its_own(cfg: FinetuneConfig) -> dict:
     return json.loads((cfg.out / "metrics.json").read_text())
 
 
-def stdout_to_stderr() -> None:
-    sys.stdout = sys.stderr  # the trainer prints its logs; our stdout carries one JSON object
-
-
-def bare_in_process_of_its_own(*args) -> dict:
-    with multiprocessing.get_context("spawn").Pool(1, initializer=stdout_to_stderr) as pool:
-        return pool.apply(bare_trainer, args)
-
-
 def bare_trainer(train_json: Path, val_json: Path, out: Path, cfg: BenchConfig) -> dict:
     """The same training as embeddings.finetune, written as a plain sentence-transformers script."""
     from datasets import Dataset
@@ -152,6 +142,7 @@ def main(cfg: BenchConfig, json_out=None) -> dict:
 
     from embeddings import evaluate, prepare
     from embeddings.models import MINILM, load_embedder
+    from scripts.bench_llm_finetune import in_fresh_process
 
     set_seed(cfg.seed)
     work = Path(cfg.work or tempfile.mkdtemp(prefix="bench_embeddings-"))
@@ -193,7 +184,7 @@ def main(cfg: BenchConfig, json_out=None) -> dict:
             ours, bare = [], []
             for _ in range(cfg.throughput_rounds):  # alternated, so drift in machine load hits both alike
                 shutil.rmtree(work / "bare", ignore_errors=True)
-                bare.append(bare_in_process_of_its_own(finetune_cfg.train, finetune_cfg.val, work / "bare", cfg))
+                bare.append(in_fresh_process(bare_trainer, finetune_cfg.train, finetune_cfg.val, work / "bare", cfg))
                 shutil.rmtree(work / "again", ignore_errors=True)
                 ours.append(finetune_in_process_of_its_own(replace(finetune_cfg, out=work / "again"))["pairs_per_second"])
             r["bare_trainer"] = {"pairs_per_second": [b["pairs_per_second"] for b in bare],

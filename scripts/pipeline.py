@@ -70,6 +70,9 @@ class PipelineConfig:
     force: list[str] = field(default_factory=list, metadata={
         "help": f"Redo this step even if it is complete (repeatable): {', '.join(STEPS)}, or 'all'."})
 
+    def forced(self, step: str) -> bool:
+        return step in self.force or "all" in self.force
+
     def __post_init__(self):
         self.docs, self.out = [Path(p) for p in self.docs], Path(self.out)
         bad = set(self.force) - set(STEPS) - {"all"}
@@ -136,8 +139,7 @@ def run_step(manifest: Manifest, cfg: PipelineConfig, name: str, settings: dict,
     folder, so such a resume only ever continues a run of the same inputs.
     """
     key = step_key(settings, inputs)
-    forced = name in cfg.force or "all" in cfg.force
-    if not forced and manifest.is_complete(name, key, outputs):
+    if not cfg.forced(name) and manifest.is_complete(name, key, outputs):
         logger.info("[%s] complete, inputs unchanged: skipped", name)
         return manifest.metrics(name)
     if not keep_outputs:
@@ -383,11 +385,12 @@ def main(cfg: PipelineConfig) -> dict:
     manifest = Manifest(out)
     pairs, emb_tuned, adapter, merged = out / "pairs", out / "emb-tuned", out / "llm-adapter", out / "llm-merged"
     started = time.perf_counter()
+    llm_files = model_identity(cfg.llm)  # a base LLM re-written in its folder is a new input to every LLM step
 
     prepare_cfg = PrepareConfig(docs=cfg.docs, out=pairs, generator=cfg.generator, llm=cfg.llm, embedder=cfg.embedder,
                                 max_chunks=cfg.max_chunks, cache=out / "question_cache.jsonl")
     documents = find_documents(cfg.docs)  # the files prepare reads: other files beside them change nothing
-    run_step(manifest, cfg, "prepare", asdict(prepare_cfg) | {"llm_files": model_identity(cfg.llm)}, documents, [pairs],
+    run_step(manifest, cfg, "prepare", asdict(prepare_cfg) | {"llm_files": llm_files}, documents, [pairs],
              lambda: emb_prepare.main(prepare_cfg))
 
     finetune_cfg = FinetuneConfig(train=pairs / "train.json", val=pairs / "val.json", model=cfg.embedder, out=emb_tuned,
@@ -401,9 +404,9 @@ def main(cfg: PipelineConfig) -> dict:
 
     train_cfg = TrainConfig(preset=cfg.llm_preset, base_model=cfg.llm, data=str(cfg.instructions), out=str(adapter),
                             **({"max_steps": cfg.llm_max_steps} if cfg.llm_max_steps else {}))
-    train_settings = asdict(train_cfg) | {"base_files": model_identity(cfg.llm)}
+    train_settings = asdict(train_cfg) | {"base_files": llm_files}
     train_key = step_key(train_settings, [cfg.instructions])
-    forced = "llm_train" in cfg.force or "all" in cfg.force
+    forced = cfg.forced("llm_train")
     if forced or not manifest.is_complete("llm_train", train_key, [adapter]):
         resume = resumable(adapter, train_key, llm_train.last_complete_checkpoint, allow=not forced)
         train_cfg = dataclasses.replace(train_cfg, resume=resume)
@@ -418,7 +421,7 @@ def main(cfg: PipelineConfig) -> dict:
              lambda: llm_merge.main(merge_cfg))
 
     rag_settings = {"k": cfg.k, "max_new_tokens": cfg.max_new_tokens, "rag_questions": cfg.rag_questions,
-                    "embedder": cfg.embedder, "llm": cfg.llm, "llm_files": model_identity(cfg.llm)}
+                    "embedder": cfg.embedder, "llm": cfg.llm, "llm_files": llm_files}
     rag = run_step(manifest, cfg, "rag_eval", rag_settings, [*documents, cfg.questions, emb_tuned, merged], [],
                    lambda: rag_evaluation(cfg, out))
 
@@ -429,8 +432,6 @@ def main(cfg: PipelineConfig) -> dict:
     print(f"\nReport: {report}\nAsk your documents with the tuned pair:\n"
           f"  python -m rag.cli {docs} --embeddings {emb_tuned} --llm {merged}")
     return {"report": str(report), "seconds": round(total, 1), "manifest": manifest.data}
-
-
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ def main(cfg: SweepConfig, json_out=None) -> dict:
     base = load_embedder(MINILM)
     qa_all, qa_heldout = qa_pairs_over_chunks(cfg.qa, PrepareConfig(docs=[cfg.doc]))
     rows, baselines = [], {}
+    base_qa = {"qa_all": evaluate.score(base, qa_all), "qa_heldout": evaluate.score(base, qa_heldout)}
     roundtrip = cfg.roundtrip_top_k if cfg.generator == "llm" else [0]
     for qpc, top_k in itertools.product(cfg.questions_per_chunk, roundtrip):
         data = f"q{qpc}" + (f"-rt{top_k}" if cfg.generator == "llm" else "")
@@ -73,8 +74,7 @@ def main(cfg: SweepConfig, json_out=None) -> dict:
         prepare.main(PrepareConfig(docs=[cfg.doc], out=pairs, generator=cfg.generator, questions_per_chunk=qpc,
                                    roundtrip_top_k=top_k, cache=work / "question_cache.jsonl"))
         val = load_pairs(pairs / "val.json")
-        baselines[data] = {"val": evaluate.score(base, val), "qa_all": evaluate.score(base, qa_all),
-                          "qa_heldout": evaluate.score(base, qa_heldout)}
+        baselines[data] = {"val": evaluate.score(base, val), **base_qa}
         for lr, epochs, batch in itertools.product(cfg.learning_rate, cfg.epochs, cfg.batch_size):
             scores = {"val": [], "qa_all": [], "qa_heldout": []}
             seconds, best = [], []
