@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from embeddings.models import MINILM
-from llm_finetune.models import SMOLLM2
+from tunerag.models import MINILM, SMOLLM2
 
 
 @dataclass
@@ -26,6 +25,17 @@ class PrepareConfig:
     qa_file: Path | None = field(default=None, metadata={
         "help": "Use an existing Q/A set instead of DOCS: JSON, JSONL or CSV with question and answer "
                 "columns; each distinct answer becomes a passage."})
+    qa_dataset: str | None = field(default=None, metadata={
+        "help": "Use a Q/A data set instead of DOCS, through datasets.load_dataset: a hub id (the reference "
+                "project's input), a local data set folder, or a .parquet/.csv/.json/.jsonl file."})
+    qa_split: str = field(default="train", metadata={"help": "--qa-dataset: the data set split to read."})
+    question_column: str | None = field(default=None, metadata={
+        "help": "--qa-dataset/--qa-file: the question column (default: the first of question, query, instruction)."})
+    answer_column: str | None = field(default=None, metadata={
+        "help": "--qa-dataset/--qa-file: the answer column (default: the first of answer, response, output)."})
+    answer_template: str | None = field(default=None, metadata={
+        "help": "--qa-dataset/--qa-file: compose the passage from several columns, e.g. '{topic} {message_2}' "
+                "(overrides --answer-column)."})
     generator: Literal["llm", "ict"] = field(default="llm", metadata={
         "help": "llm: a local causal LM writes questions per chunk. ict: inverse cloze task, a sentence "
                 "of the chunk is the query and the rest of the chunk the passage (no LLM, fast)."})
@@ -61,10 +71,18 @@ class PrepareConfig:
     def __post_init__(self):
         self.docs = [Path(p) for p in self.docs]
         self.out = Path(self.out)
-        if not self.docs and self.qa_file is None:
-            raise ValueError("pass DOCS (files or folders) or --qa-file")
-        if self.docs and self.qa_file is not None:
-            raise ValueError("pass either DOCS or --qa-file, not both")
+        sources = [bool(self.docs), self.qa_file is not None, self.qa_dataset is not None]
+        if sum(sources) != 1:
+            raise ValueError("pass exactly one of DOCS (files or folders), --qa-file or --qa-dataset")
+        if self.answer_template is not None:
+            import string
+
+            try:
+                fields = [name for _, name, _, _ in string.Formatter().parse(self.answer_template) if name]
+            except ValueError as e:
+                raise ValueError(f"--answer-template {self.answer_template!r}: {e}") from None
+            if not fields:
+                raise ValueError(f"--answer-template {self.answer_template!r} names no column; e.g. '{{topic}} {{message_2}}'")
         if self.questions_per_chunk < 1:
             raise ValueError(f"--questions-per-chunk ({self.questions_per_chunk}) must be >= 1")
         if self.chunk_tokens < 16:

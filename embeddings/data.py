@@ -12,15 +12,13 @@ import csv
 import hashlib
 import io
 import json
-import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from llm_finetune.common import TuneragError
+from tunerag.common import TuneragError
 
 
 class PairsError(TuneragError):
@@ -331,20 +329,6 @@ def load_pairs(path: Path) -> Pairs:
     return pairs_from_json(data, repr(str(path)))
 
 
-def write_json_atomic(path: Path, data: object) -> None:
-    """Write JSON to a temp file beside `path` and rename it in, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # --------------------------------------------------------------------------- Q/A files
 
 QUESTION_COLUMNS = ("question", "query", "instruction")
@@ -378,19 +362,42 @@ def parse_qa_records(text: str, suffix: str, name: str) -> list[dict]:
     return data
 
 
-def qa_pairs(records: list[dict], name: str) -> list[tuple[str, str]]:
-    """(question, answer) per usable record; the column names are matched case-insensitively."""
+def _column(columns: dict[str, str], wanted: str | None, candidates: tuple[str, ...], flag: str, name: str) -> str | None:
+    """The record key for an explicitly named column (must exist) or the first candidate present."""
+    if wanted is not None:
+        if wanted not in columns.values() and wanted.lower() not in columns:
+            raise PairsError(f"{name} has no column {wanted!r} ({flag}); its columns are {sorted(columns.values())}")
+        return wanted if wanted in columns.values() else columns[wanted.lower()]
+    return next((columns[c] for c in candidates if c in columns), None)
+
+
+def qa_pairs(records: list[dict], name: str, question_column: str | None = None, answer_column: str | None = None,
+             answer_template: str | None = None) -> list[tuple[str, str]]:
+    """(question, answer) per usable record. Column names are matched case-insensitively; the answer is
+    `answer_template` formatted with the record (e.g. "{topic} {message_2}") when one is given."""
     if not records:
         raise PairsError(f"{name} has no records")
     columns = {k.lower().strip(): k for k in records[0] if isinstance(k, str)}
-    q_col = next((columns[c] for c in QUESTION_COLUMNS if c in columns), None)
-    a_col = next((columns[c] for c in ANSWER_COLUMNS if c in columns), None)
-    if q_col is None or a_col is None:
+    q_col = _column(columns, question_column, QUESTION_COLUMNS, "--question-column", name)
+    if answer_template is not None:
+        import string
+
+        for field_name in {f for _, f, _, _ in string.Formatter().parse(answer_template) if f}:
+            _column(columns, field_name, (), "--answer-template", name)
+        a_col = None
+    else:
+        a_col = _column(columns, answer_column, ANSWER_COLUMNS, "--answer-column", name)
+    if q_col is None or (a_col is None and answer_template is None):
         raise PairsError(f"{name} needs a question column ({'/'.join(QUESTION_COLUMNS)}) and an answer column "
-                         f"({'/'.join(ANSWER_COLUMNS)}); found {sorted(columns.values())}")
+                         f"({'/'.join(ANSWER_COLUMNS)}); found {sorted(columns.values())}; "
+                         "name them with --question-column / --answer-column or --answer-template")
     out = []
     for r in records:
-        q, a = r.get(q_col), r.get(a_col)
+        q = r.get(q_col)
+        if answer_template is not None:
+            a = answer_template.format_map({k: "" if v is None else v for k, v in r.items()})
+        else:
+            a = r.get(a_col)
         if isinstance(q, str) and isinstance(a, str) and q.strip() and a.strip():
             out.append((" ".join(q.split()), " ".join(a.split())))
     if not out:
@@ -398,16 +405,16 @@ def qa_pairs(records: list[dict], name: str) -> list[tuple[str, str]]:
     return out
 
 
-def read_qa_file(path: Path) -> tuple[list[tuple[str, str]], int]:
-    """((question, answer) pairs, records skipped for an empty question or answer)."""
-    from embeddings.documents import decode_text
+def read_qa_file(path: Path, **columns: str | None) -> tuple[list[tuple[str, str]], int]:
+    """((question, answer) pairs, records skipped for an empty question or answer); `columns` as `qa_pairs`."""
+    from tunerag.documents import decode_text
 
     path = Path(path)
     if not path.is_file():
         raise PairsError(f"--qa-file {str(path)!r} does not exist")
     text = decode_text(path.read_bytes(), str(path))
     records = parse_qa_records(text, path.suffix, repr(str(path)))
-    pairs = qa_pairs(records, repr(str(path)))
+    pairs = qa_pairs(records, repr(str(path)), **columns)
     return pairs, len(records) - len(pairs)
 
 

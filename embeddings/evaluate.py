@@ -15,7 +15,7 @@ import sys
 
 from embeddings.config import EvaluateConfig
 from embeddings.data import Pairs, load_pairs
-from llm_finetune.common import run_cli
+from tunerag.common import run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def main(cfg: EvaluateConfig) -> dict:
-    from embeddings.models import load_embedder
+    from tunerag.models import load_embedder
 
     pairs = load_pairs(cfg.data)
     logger.info("%s: %d queries over %d passages", cfg.data, len(pairs.queries), len(pairs.corpus))

@@ -22,8 +22,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from embeddings.config import FinetuneConfig
-from embeddings.data import Pairs, load_pairs, write_json_atomic
-from llm_finetune.common import TuneragError, run_cli
+from embeddings.data import Pairs, load_pairs
+from tunerag.common import TuneragError, run_cli, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def train_and_save(cfg: FinetuneConfig, config: dict, train: Pairs, val: Pairs, 
     from sentence_transformers.sentence_transformer import losses
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
-    from embeddings.models import load_embedder
+    from tunerag.models import load_embedder
 
     # 1. The base model
     model = load_embedder(cfg.model)

@@ -3,6 +3,7 @@
     python -m embeddings.prepare data/finance_report.txt --out pairs/                  # SmolLM2 writes questions
     python -m embeddings.prepare docs/ --generator ict --out pairs/                     # no LLM: inverse cloze task
     python -m embeddings.prepare --qa-file faq.csv --out pairs/                         # an existing Q/A set
+    python -m embeddings.prepare --qa-dataset ID --answer-template "{topic} {message_2}" --out pairs/  # a hub data set
 
 Documents are cleaned (whitespace collapsed, --drop-pattern lines removed), cut into sentences and
 packed into chunks that fit the embedder's tokenizer (all-MiniLM-L6-v2 reads 256 tokens; more is
@@ -32,12 +33,26 @@ from pathlib import Path
 
 from embeddings.config import PrepareConfig
 from embeddings.data import (
-    Chunk, Pairs, chunk_sentences, clean_text, ict_pairs, normalise_question, parse_questions, plain_question_prompt,
-    qa_to_pairs, question_contexts, question_messages, read_qa_file, split_by_position, split_documents,
-    split_sentences, stable_rng, write_json_atomic,
+    Chunk,
+    Pairs,
+    chunk_sentences,
+    clean_text,
+    ict_pairs,
+    normalise_question,
+    parse_questions,
+    plain_question_prompt,
+    qa_pairs,
+    qa_to_pairs,
+    question_contexts,
+    question_messages,
+    read_qa_file,
+    split_by_position,
+    split_documents,
+    split_sentences,
+    stable_rng,
 )
-from embeddings.documents import find_documents, read_document
-from llm_finetune.common import TuneragError, run_cli, tunerag_home
+from tunerag.common import TuneragError, first_line, run_cli, tunerag_home, write_json_atomic
+from tunerag.documents import find_documents, read_document
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +62,7 @@ logger = logging.getLogger(__name__)
 def embedder_token_counter(spec: str, chunk_tokens: int):
     """(count_tokens, chunk limit): the embedder's own tokenizer, and `chunk_tokens` capped at its
     max_seq_length minus the special tokens it adds ([CLS] and [SEP] for MiniLM)."""
-    from embeddings.models import load_embedder
+    from tunerag.models import load_embedder
 
     model = load_embedder(spec, device="cpu")
     tokenizer = model.tokenizer
@@ -162,7 +177,7 @@ def llm_queries(chunks: list[Chunk], cfg: PrepareConfig) -> tuple[dict[str, tupl
     import torch
     from tqdm.auto import tqdm
 
-    from llm_finetune.models import load_llm, model_identity, resolve_llm
+    from tunerag.models import load_llm, model_identity, resolve_llm
 
     resolved = resolve_llm(cfg.llm)
     model, tokenizer = load_llm(cfg.llm, dtype=torch.float32)
@@ -240,7 +255,7 @@ def roundtrip_filter(queries: dict[str, tuple[list[str], str]], chunks: list[Chu
     not answer or that fit any chunk. Needs more than `top_k` chunks; else nothing is dropped."""
     from sentence_transformers.util import semantic_search
 
-    from embeddings.models import load_embedder
+    from tunerag.models import load_embedder
 
     flat = [(c.id, q) for c in chunks for q in queries[c.id][0]]
     if not flat or len(chunks) <= top_k:
@@ -334,14 +349,64 @@ def main(cfg: PrepareConfig) -> dict:
     return stats
 
 
+DATASET_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+def load_qa_dataset(spec: str, split: str) -> list[dict]:
+    """The rows of a Q/A data set: a local file or folder, or a hub id, through `datasets`."""
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    from tunerag.models import hub_offline
+
+    datasets.disable_progress_bars()  # a local read is instant; a download is the hub's business
+    path = Path(spec).expanduser()
+    instead = "pass a local data set folder (datasets' save_to_disk or parquet/csv/json files), a .parquet/.csv/.json file, or --qa-file"
+    try:
+        if path.is_file():
+            builder = DATASET_FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise TuneragError(f"--qa-dataset {spec!r}: unsupported file type {path.suffix!r}; use "
+                                   f"{', '.join(DATASET_FILE_BUILDERS)}")
+            data = datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
+        elif path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.DatasetDict):
+                if split not in data:
+                    raise TuneragError(f"--qa-dataset {spec!r} has no split {split!r} (--qa-split); it has {', '.join(data)}")
+                data = data[split]
+        elif path.exists() or spec.startswith((".", "/", "~")):
+            if not path.exists():
+                raise TuneragError(f"--qa-dataset {spec!r} does not exist; {instead}")
+            data = datasets.load_dataset(str(path), split=split)
+        else:
+            data = datasets.load_dataset(spec, split=split)
+    except TuneragError:
+        raise
+    except (DatasetNotFoundError, ConnectionError, FileNotFoundError) as e:
+        why = ("it is not in the local cache and the hub is unreachable (HF_HUB_OFFLINE=1)" if hub_offline()
+               else f"it could not be loaded ({first_line(e)})")
+        raise TuneragError(f"--qa-dataset {spec!r}: {why}; {instead}") from None
+    except ValueError as e:  # e.g. an unknown split
+        raise TuneragError(f"--qa-dataset {spec!r}: {first_line(e)}") from None
+    return data.to_list()
+
+
 def make_pairs(cfg: PrepareConfig) -> tuple[dict, Pairs, Pairs]:
-    """(stats, train pairs, val pairs) from cfg.qa_file or cfg.docs."""
-    if cfg.qa_file is not None:
-        qa, skipped = read_qa_file(cfg.qa_file)
+    """(stats, train pairs, val pairs) from cfg.qa_file, cfg.qa_dataset or cfg.docs."""
+    columns = {"question_column": cfg.question_column, "answer_column": cfg.answer_column,
+               "answer_template": cfg.answer_template}
+    if cfg.qa_file is not None or cfg.qa_dataset is not None:
+        if cfg.qa_file is not None:
+            source, qa, skipped = "qa_file", *read_qa_file(cfg.qa_file, **columns)
+        else:
+            records = load_qa_dataset(cfg.qa_dataset, cfg.qa_split)
+            qa = qa_pairs(records, f"--qa-dataset {cfg.qa_dataset!r}", **columns)
+            source, skipped = "qa_dataset", len(records) - len(qa)
         if skipped:
-            logger.warning("%d record(s) of %s skipped: empty question or answer", skipped, cfg.qa_file)
+            logger.warning("%d record(s) of %s skipped: empty question or answer", skipped, cfg.qa_file or cfg.qa_dataset)
         train, val = qa_to_pairs(qa, cfg.val_fraction, cfg.seed)
-        stats = {"source": "qa_file", "records": len(qa) + skipped, "records_skipped": skipped}
+        stats = {"source": source, "records": len(qa) + skipped, "records_skipped": skipped}
     else:
         train_chunks, val_chunks, stats = document_chunks(cfg)
         chunks = train_chunks + val_chunks

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from llm_finetune.models import DEFAULT_TRAIN_MODEL, SMOLLM2
+from tunerag.models import DEFAULT_TRAIN_MODEL, SMOLLM2
+from tunerag.samples import SAMPLE_INSTRUCTIONS
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The reference recipe: Mistral-7B-Instruct v0.1 on gbharti/finance-alpaca, 4-bit NF4 QLoRA.
@@ -44,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESETS["smollm2-cpu"] = {
     **PRESETS["mistral-7b"],
     "base_model": SMOLLM2,
-    "data": "data/finance_alpaca.json",
+    "data": str(SAMPLE_INSTRUCTIONS),
     "val_size": 24.0,
     "max_length": 256,
     "max_steps": 12,
@@ -71,7 +72,7 @@ class TrainConfig:
 
     preset: Literal["mistral-7b", "smollm2-cpu"] | None = field(
         default=None, metadata=_h("A whole setting: mistral-7b (the reference recipe, the default) or smollm2-cpu "
-                                  "(the embedded SmolLM2-135M on data/finance_alpaca.json, ~10 min on 2 CPU cores)."))
+                                  "(the embedded SmolLM2-135M on the shipped finance_alpaca.json, ~10 min on 2 CPU cores)."))
     config: str | None = field(default=None, metadata=_h("A YAML or JSON file of options (keys are flag names); "
                                                          "flags override it, it overrides the preset."))
     base_model: str | None = field(default=None, metadata=_h(

@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from llm_finetune.common import TuneragError, first_line
+from tunerag.common import TuneragError, first_line
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from llm_finetune.common import TuneragError, run_cli
 from llm_finetune.config import MergeConfig
-from llm_finetune.models import resolve_llm
+from tunerag.common import TuneragError, run_cli
+from tunerag.models import resolve_llm
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llm_finetune.common import TuneragError, run_cli
 from llm_finetune.config import TrainConfig
 from llm_finetune.data import build_examples, ensure_pad_token, load_rows, make_collator, split_train_val
-from llm_finetune.models import load_tokenizer, resolve_llm
+from tunerag.common import TuneragError, run_cli
+from tunerag.models import load_tokenizer, resolve_llm
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import threading
 from operator import itemgetter
 from typing import Any
 
-from llm_finetune.common import TuneragError
+from tunerag.common import TuneragError
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from llm_finetune.common import TuneragError, first_line, run_cli, tunerag_home
 from rag.config import RagConfig
+from tunerag.common import TuneragError, first_line, run_cli, tunerag_home
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ class Answerer:
     """Everything loaded once: the index, the retriever and (unless --retrieve-only) the chain."""
 
     def __init__(self, cfg: RagConfig, t_start: float):
-        from llm_finetune.models import model_identity
         from rag import index
+        from tunerag.models import model_identity
 
         self.cfg = cfg
         self.timings: dict[str, float] = {}
@@ -151,8 +151,8 @@ class Answerer:
         return RunnablePassthrough.assign(source_documents=lambda x: self.retriever.invoke(x["query"]))
 
     def answer_chain(self):
-        from llm_finetune.models import LLM_INSTEAD, load_llm
         from rag.chain import build_chain, context_window, make_llm
+        from tunerag.models import LLM_INSTEAD, load_llm
 
         cfg = self.cfg
         try:

@@ -1,12 +1,11 @@
-"""The flags of `python -m rag.cli`: one dataclass, each field is a flag (see llm_finetune.common)."""
+"""The flags of `python -m rag.cli`: one dataclass, each field is a flag (see tunerag.common)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embeddings.models import MINILM
-from llm_finetune.models import SMOLLM2
+from tunerag.models import MINILM, SMOLLM2
 
 
 @dataclass

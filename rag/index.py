@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from embeddings.documents import find_documents, read_document
-from llm_finetune.common import TuneragError, first_line
+from tunerag.common import TuneragError, first_line
+from tunerag.documents import find_documents, read_document
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def load_embeddings(spec: str):
     """(HuggingFaceEmbeddings over our resolved embedder, normalized so cosine = dot, its resolved path)."""
     from langchain_huggingface import HuggingFaceEmbeddings
 
-    from embeddings.models import EMBEDDER_INSTEAD, resolve_embedder
+    from tunerag.models import EMBEDDER_INSTEAD, resolve_embedder
 
     resolved = resolve_embedder(spec)
     try:

@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO))
 
 from embeddings.config import FinetuneConfig, PrepareConfig  # noqa: E402
 from embeddings.data import Pairs, load_pairs  # noqa: E402
-from llm_finetune.common import parse_config  # noqa: E402
+from tunerag.common import parse_config  # noqa: E402
+from tunerag.samples import SAMPLE_QA, SAMPLE_REPORT  # noqa: E402
 
 logger = logging.getLogger("bench_embeddings")
 
@@ -45,8 +46,8 @@ logger = logging.getLogger("bench_embeddings")
 class BenchConfig:
     """Benchmark prepare -> finetune -> evaluate on the sample finance document."""
 
-    doc: Path = field(default=REPO / "data" / "finance_report.txt", metadata={"help": "Document to train on."})
-    qa: Path = field(default=REPO / "data" / "finance_qa.json", metadata={"help": "Hand-written questions with their passages."})
+    doc: Path = field(default=SAMPLE_REPORT, metadata={"help": "Document to train on."})
+    qa: Path = field(default=SAMPLE_QA, metadata={"help": "Hand-written questions with their passages."})
     generator: list[str] = field(default_factory=lambda: ["ict", "llm"], metadata={"help": "Generators to run (repeatable)."})
     max_chunks: int = field(default=0, metadata={"help": "Limit chunks per side for the llm generator (0: all)."})
     bare: bool = field(default=True, metadata={"help": "Also time a bare SentenceTransformerTrainer on the ict data."})
@@ -103,14 +104,18 @@ def finetune_in_process_of_its_own(cfg: FinetuneConfig) -> dict:
 def bare_trainer(train_json: Path, val_json: Path, out: Path, cfg: BenchConfig) -> dict:
     """The same training as embeddings.finetune, written as a plain sentence-transformers script."""
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
     from sentence_transformers.util import cos_sim
     from transformers import set_seed
 
-    from embeddings.models import minilm_folder
+    from tunerag.models import minilm_folder
 
     set_seed(cfg.seed)
     train, val = json.loads(train_json.read_text()), json.loads(val_json.read_text())
@@ -141,8 +146,8 @@ def main(cfg: BenchConfig, json_out=None) -> dict:
     from transformers import set_seed
 
     from embeddings import evaluate, prepare
-    from embeddings.models import MINILM, load_embedder
     from scripts.bench_llm_finetune import in_fresh_process
+    from tunerag.models import MINILM, load_embedder
 
     set_seed(cfg.seed)
     work = Path(cfg.work or tempfile.mkdtemp(prefix="bench_embeddings-"))

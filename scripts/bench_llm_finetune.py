@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a checkout without an install
 
-from llm_finetune.common import parse_config  # noqa: E402
+from tunerag.common import parse_config  # noqa: E402
 
 logger = logging.getLogger("bench_llm_finetune")
 
@@ -62,8 +62,8 @@ def bare_trainer_tokens_per_second(train_cfg, workdir: Path) -> dict:
     from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
 
     from llm_finetune.data import build_examples, ensure_pad_token, load_rows, split_train_val
-    from llm_finetune.models import load_tokenizer, resolve_llm
     from llm_finetune.train import bnb_config
+    from tunerag.models import load_tokenizer, resolve_llm
 
     set_seed(train_cfg.seed)
     base = resolve_llm(train_cfg.base_model)

@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from embeddings.config import FinetuneConfig, PrepareConfig  # noqa: E402
-from llm_finetune.common import parse_config  # noqa: E402
+from tunerag.common import parse_config  # noqa: E402
+from tunerag.samples import SAMPLE_QA, SAMPLE_REPORT  # noqa: E402
 
 logger = logging.getLogger("sweep_embeddings")
 
@@ -41,8 +42,8 @@ logger = logging.getLogger("sweep_embeddings")
 class SweepConfig:
     """Grid search of embeddings.finetune settings, picked by the gain in validation NDCG@10 over the base model."""
 
-    doc: Path = field(default=REPO / "data" / "finance_report.txt", metadata={"help": "Document to train on."})
-    qa: Path = field(default=REPO / "data" / "finance_qa.json", metadata={"help": "Hand-written questions (reported, never used to pick)."})
+    doc: Path = field(default=SAMPLE_REPORT, metadata={"help": "Document to train on."})
+    qa: Path = field(default=SAMPLE_QA, metadata={"help": "Hand-written questions (reported, never used to pick)."})
     generator: str = field(default="ict", metadata={"help": "Query generator for the pairs.", "choices": ["ict", "llm"]})
     questions_per_chunk: list[int] = field(default_factory=lambda: [PrepareConfig.questions_per_chunk],
                                            metadata={"help": "Queries per chunk (repeatable: one pairs set each)."})
@@ -58,8 +59,8 @@ class SweepConfig:
 def main(cfg: SweepConfig, json_out=None) -> dict:
     from embeddings import evaluate, prepare
     from embeddings.data import load_pairs
-    from embeddings.models import MINILM, load_embedder
     from scripts.bench_embeddings import finetune_in_process_of_its_own, qa_pairs_over_chunks
+    from tunerag.models import MINILM, load_embedder
 
     work = Path(cfg.work or tempfile.mkdtemp(prefix="sweep_embeddings-"))
     t0 = time.perf_counter()

@@ -11,7 +11,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "data"
+DATA = REPO / "tunerag" / "data"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -40,14 +40,14 @@ def tiny_bert(tmp_path_factory, minilm_path) -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
-    from embeddings.models import minilm_folder
+    from tunerag.models import minilm_folder
 
     return minilm_folder()
 
 
 @pytest.fixture(scope="session")
 def smollm2_path(tunerag_home) -> Path:
-    from llm_finetune.models import smollm2_folder
+    from tunerag.models import smollm2_folder
 
     return smollm2_folder()
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 import pytest
 
-from llm_finetune.common import parse_config
+from tunerag.common import parse_config
 
 
 @dataclass

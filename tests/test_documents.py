@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from embeddings.documents import DocumentError, find_documents, read_document
+from tunerag.documents import DocumentError, find_documents, read_document
 
 
 def _pdf(path, text):

@@ -5,10 +5,25 @@ import json
 import pytest
 
 from embeddings.data import (
-    QUESTION_SHOTS, Chunk, PairsError, chunk_sentences, clean_text, ict_pairs, load_pairs, pairs_from_json,
-    parse_questions, plain_question_prompt, qa_to_pairs, question_contexts, question_messages, read_qa_file,
-    split_by_position, split_documents, split_sentences, write_json_atomic,
+    QUESTION_SHOTS,
+    Chunk,
+    PairsError,
+    chunk_sentences,
+    clean_text,
+    ict_pairs,
+    load_pairs,
+    pairs_from_json,
+    parse_questions,
+    plain_question_prompt,
+    qa_to_pairs,
+    question_contexts,
+    question_messages,
+    read_qa_file,
+    split_by_position,
+    split_documents,
+    split_sentences,
 )
+from tunerag.common import write_json_atomic
 
 
 def words(text: str) -> int:

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from embeddings.config import EvaluateConfig
-from embeddings.data import Pairs, write_json_atomic
+from embeddings.data import Pairs
 from embeddings.evaluate import METRICS, format_table, main, score
+from tunerag.common import write_json_atomic
 
 # Five finance passages, one-hot embeddings; each query's vector puts its passage at a chosen rank.
 CORPUS = {
@@ -108,7 +109,7 @@ def test_bad_data_is_one_line(tmp_path):
 
 
 def test_help_lists_every_flag(capsys):
-    from llm_finetune.common import parse_config
+    from tunerag.common import parse_config
 
     with pytest.raises(SystemExit):
         parse_config(EvaluateConfig, ["-h"])

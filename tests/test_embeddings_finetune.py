@@ -6,9 +6,9 @@ import json
 import pytest
 
 from embeddings.config import FinetuneConfig
-from embeddings.data import Pairs, chunk_sentences, clean_text, ict_pairs, load_pairs, split_sentences, write_json_atomic
+from embeddings.data import Pairs, chunk_sentences, clean_text, ict_pairs, load_pairs, split_sentences
 from embeddings.finetune import main
-from llm_finetune.common import TuneragError, parse_config
+from tunerag.common import TuneragError, parse_config, write_json_atomic
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from embeddings import prepare
 from embeddings.config import PrepareConfig
 from embeddings.data import Chunk, clean_text, load_pairs, split_sentences
 from embeddings.prepare import generation_batches, main
-from llm_finetune.common import TuneragError, parse_config
+from tunerag.common import TuneragError, parse_config
 
 REPORT = """QUARTERLY REPORT
 

@@ -6,9 +6,17 @@ import pytest
 
 from llm_finetune.config import PRESETS, MergeConfig, TrainConfig
 from llm_finetune.data import (
-    IGNORE_INDEX, DataError, build_example, build_examples, ensure_pad_token, load_rows, make_collator,
-    split_train_val, to_messages,
+    IGNORE_INDEX,
+    DataError,
+    build_example,
+    build_examples,
+    ensure_pad_token,
+    load_rows,
+    make_collator,
+    split_train_val,
+    to_messages,
 )
+from tunerag.samples import SAMPLE_INSTRUCTIONS
 
 ROW = {"instruction": "What is net debt?", "input": "Debt 1,200; cash 80.", "output": "Net debt is 1,120."}
 
@@ -111,7 +119,7 @@ def test_presets_config_file_and_flags_precedence(tmp_path):
     assert default.lora_targets == ["q_proj", "k_proj", "v_proj", "o_proj"] and default.train_head
     assert default.max_length == 1024 and default.epochs == 1 and default.max_steps == -1
     smol = TrainConfig(preset="smollm2-cpu")
-    assert smol.base_model == "smollm2" and smol.data == "data/finance_alpaca.json" and smol.out == "runs/smollm2-cpu"
+    assert smol.base_model == "smollm2" and smol.data == str(SAMPLE_INSTRUCTIONS) and smol.out == "runs/smollm2-cpu"
     (tmp_path / "c.yaml").write_text("preset: smollm2-cpu\nmax-length: 99\nlr: 0.5\n")
     cfg = TrainConfig(config=str(tmp_path / "c.yaml"), lr=0.25)
     assert (cfg.base_model, cfg.max_length, cfg.lr, cfg.batch_size) == ("smollm2", 99, 0.25, PRESETS["smollm2-cpu"]["batch_size"])
@@ -123,7 +131,7 @@ def test_presets_config_file_and_flags_precedence(tmp_path):
 
 
 def test_cli_help_and_usage_errors(capsys):
-    from llm_finetune.common import parse_config
+    from tunerag.common import parse_config
 
     for cls in (TrainConfig, MergeConfig):
         with pytest.raises(SystemExit) as e:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_finetune.common import TuneragError
 from llm_finetune.config import MergeConfig, TrainConfig
 from llm_finetune.merge import check_memory, main, memory_needed, probe_batch
+from tunerag.common import TuneragError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_finetune.common import TuneragError
 from llm_finetune.config import TrainConfig
 from llm_finetune.train import CHECKPOINTS, last_complete_checkpoint, load_qlora_model, main
+from tunerag.common import TuneragError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -5,9 +5,17 @@ import sys
 
 import pytest
 
-from embeddings.models import MINILM_HUB_ID, load_embedder, minilm_folder, resolve_embedder
-from llm_finetune.common import TuneragError
-from llm_finetune.models import ModelNotFoundError, load_llm, resolve_llm, smollm2_folder
+from tunerag.common import TuneragError
+from tunerag.models import (
+    MINILM_HUB_ID,
+    ModelNotFoundError,
+    load_embedder,
+    load_llm,
+    minilm_folder,
+    resolve_embedder,
+    resolve_llm,
+    smollm2_folder,
+)
 
 
 def test_minilm_resolves_to_the_package_and_embeds(minilm_path):
@@ -69,7 +77,7 @@ def test_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, mon
     """Ctrl-C between writing and the final rename: no target folder, no temp leftovers; a re-run completes."""
     import transformers
 
-    import llm_finetune.models as models
+    import tunerag.models as models
 
     real_model_load = transformers.AutoModelForCausalLM.from_pretrained
     real_tok_load = transformers.AutoTokenizer.from_pretrained
@@ -103,8 +111,8 @@ def test_model_not_found_is_a_tunerag_error():
 def test_cli_error_is_one_line_without_traceback():
     code = (
         "from dataclasses import dataclass, field\n"
-        "from llm_finetune.common import run_cli\n"
-        "from llm_finetune.models import resolve_llm\n"
+        "from tunerag.common import run_cli\n"
+        "from tunerag.models import resolve_llm\n"
         "@dataclass\n"
         "class C:\n"
         "    llm: str = field(default='smollm2', metadata={'help': 'LLM spec'})\n"
@@ -133,7 +141,7 @@ def test_unwritable_output_is_one_line(tmp_path):
     code = (
         "from dataclasses import dataclass, field\n"
         "from pathlib import Path\n"
-        "from llm_finetune.common import run_cli\n"
+        "from tunerag.common import run_cli\n"
         "@dataclass\n"
         "class C:\n"
         "    out: Path = field(default=Path('.'), metadata={'help': 'output'})\n"

@@ -1,10 +1,10 @@
-"""scripts.pipeline end to end on a tiny slice: tiny embedder and LLM, a few chunks, a few steps."""
+"""tunerag.pipeline end to end on a tiny slice: tiny embedder and LLM, a few chunks, a few steps."""
 
 import json
 
 import pytest
 
-from scripts.pipeline import STEPS, Manifest, PipelineConfig, main, step_key
+from tunerag.pipeline import STEPS, Manifest, PipelineConfig, main, step_key
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_rerun_skips_complete_steps_and_force_redoes_one(tiny_run, caplog):
 
     cfg, _ = tiny_run
     before = json.loads((cfg.out / "manifest.json").read_text())["steps"]
-    with caplog.at_level(logging.INFO, logger="scripts.pipeline"):
+    with caplog.at_level(logging.INFO, logger="tunerag.pipeline"):
         main(dataclasses.replace(cfg, force=["rag_eval"]))
     after = json.loads((cfg.out / "manifest.json").read_text())["steps"]
     for step in STEPS[:-1]:
@@ -86,7 +86,7 @@ def test_force_all_redoes_every_step_from_scratch(tiny_run, caplog):
     import logging
 
     cfg, _ = tiny_run
-    with caplog.at_level(logging.INFO, logger="scripts.pipeline"):
+    with caplog.at_level(logging.INFO, logger="tunerag.pipeline"):
         main(dataclasses.replace(cfg, force=["all"]))
     after = json.loads((cfg.out / "manifest.json").read_text())["steps"]
     assert all(f"[{s}] running" in caplog.text for s in STEPS) and "skipped" not in caplog.text
@@ -95,7 +95,7 @@ def test_force_all_redoes_every_step_from_scratch(tiny_run, caplog):
 
 
 def test_training_resumes_only_a_run_of_the_same_inputs(tmp_path):
-    from scripts.pipeline import resumable
+    from tunerag.pipeline import resumable
 
     folder = tmp_path / "adapter"
     has_checkpoint = lambda f: f / "checkpoints" if (f / "checkpoints").is_dir() else None  # noqa: E731

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 
-from llm_finetune.common import TuneragError
 from rag.chain import INSTRUCTIONS, StopFlag, build_chain, count_tokens, fit_prompt, render_prompt
 from rag.metrics import answer_matches, chunk_answers, recall_at_k
+from tunerag.common import TuneragError
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

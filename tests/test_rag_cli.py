@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from llm_finetune.common import TuneragError
 from rag.cli import Answerer, main
 from rag.config import RagConfig
+from tunerag.common import TuneragError
 
 QUESTION = "How much did the group receive for the equipment leasing business?"
 

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from llm_finetune.models import model_identity
 from rag import index
 from rag.metrics import recall_at_k
+from tunerag.models import model_identity
 
 CHUNK, OVERLAP = 254, 50
 RECALL_AT_4_FLOOR = 0.78  # measured 0.818 (54 of 66) with MiniLM, 254/50-token chunks

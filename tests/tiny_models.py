@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from llm_finetune.models import package_dir
+from tunerag.models import package_dir
 
 # The chat template of mistralai/Mistral-7B-Instruct-v0.1 (its tokenizer_config.json on the hub).
 MISTRAL_V01_CHAT_TEMPLATE = (

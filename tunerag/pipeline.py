@@ -1,8 +1,8 @@
 """The whole loop in one command: your documents in, a tuned embedder and a tuned LLM out, and a
 RAG evaluation that compares them with the base models, written up in report.md.
 
-    python -m scripts.pipeline --docs data/ --out runs/demo
-    python -m scripts.pipeline --docs data/ --out runs/demo --force rag_eval     # redo one step
+    python -m tunerag.pipeline --docs data/ --out runs/demo
+    python -m tunerag.pipeline --docs data/ --out runs/demo --force rag_eval     # redo one step
 
 Steps, each a command you can also run alone (see README):
   1. prepare        embeddings.prepare      docs -> pairs/train.json, pairs/val.json
@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from embeddings.data import write_json_atomic as _write_json_atomic
-from llm_finetune.common import run_cli
-from llm_finetune.models import model_identity
+from tunerag.common import run_cli, write_json_atomic
+from tunerag.models import model_identity
+from tunerag.samples import SAMPLE_INSTRUCTIONS, SAMPLE_QA, SAMPLE_REPORT
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +42,15 @@ STEPS = ("prepare", "emb_finetune", "emb_evaluate", "llm_train", "llm_merge", "r
 
 @dataclass
 class PipelineConfig:
-    """python -m scripts.pipeline --docs data/ --out runs/demo: prepare, fine-tune and evaluate an embedder,
+    """python -m tunerag.pipeline --docs data/ --out runs/demo: prepare, fine-tune and evaluate an embedder,
     QLoRA-tune and merge an LLM, evaluate RAG with base vs tuned models, and write report.md."""
 
-    docs: list[Path] = field(default_factory=lambda: [Path("data")], metadata={
+    docs: list[Path] = field(default_factory=lambda: [SAMPLE_REPORT], metadata={
         "help": "Documents (.txt/.md/.pdf files or folders); repeatable."})
     out: Path = field(default=Path("runs/demo"), metadata={"help": "Run folder: every step's output, manifest.json, report.md."})
-    questions: Path = field(default=Path("data/finance_qa.json"), metadata={
+    questions: Path = field(default=SAMPLE_QA, metadata={
         "help": "RAG evaluation set: JSON list of {question, answer, passage} about the documents."})
-    instructions: Path = field(default=Path("data/finance_alpaca.json"), metadata={
+    instructions: Path = field(default=SAMPLE_INSTRUCTIONS, metadata={
         "help": "Instruction data (alpaca columns) for the LLM fine-tune."})
     embedder: str = field(default="minilm", metadata={"help": "Base embedder: 'minilm', a folder or a hub id."})
     llm: str = field(default="smollm2", metadata={"help": "Base LLM: 'smollm2', a folder or a hub id."})
@@ -96,11 +96,6 @@ def hash_paths(paths: list[Path]) -> str:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     digest.update(block)
     return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """JSON (paths and other objects as strings) written atomically."""
-    _write_json_atomic(path, json.loads(json.dumps(data, default=str)))
 
 
 def step_key(settings: dict, inputs: list[Path]) -> str:
@@ -334,11 +329,11 @@ def rag_configurations(cfg: PipelineConfig, out: Path) -> list[tuple[str, str, s
 
 def rag_evaluation(cfg: PipelineConfig, out: Path) -> dict:
     """Retrieval recall per embedder, and answer quality, time to first token and tokens/s for the four pairs."""
-    from scripts.bench_rag import BenchRagConfig, bench_embedder, bench_llm
+    from rag.evaluate import RagEvalConfig, bench_embedder, bench_llm
 
     items = json.loads(cfg.questions.read_text(encoding="utf-8"))
     n_gen = cfg.rag_questions or len(items)
-    bench = BenchRagConfig(file=cfg.docs, qa=cfg.questions, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
+    bench = RagEvalConfig(file=cfg.docs, qa=cfg.questions, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
                            gen_questions=n_gen)
     # a new folder each time: chromadb keeps clients per path, so a deleted and re-created path is stale in-process
     store = Path(tempfile.mkdtemp(prefix=".rag_eval_db-", dir=out))
@@ -374,10 +369,10 @@ def main(cfg: PipelineConfig) -> dict:
     from embeddings import finetune as emb_finetune
     from embeddings import prepare as emb_prepare
     from embeddings.config import EvaluateConfig, FinetuneConfig, PrepareConfig
-    from embeddings.documents import find_documents
     from llm_finetune import merge as llm_merge
     from llm_finetune import train as llm_train
     from llm_finetune.config import MergeConfig, TrainConfig
+    from tunerag.documents import find_documents
 
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)

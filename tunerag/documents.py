@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from llm_finetune.common import TuneragError
+from tunerag.common import TuneragError
 
 logger = logging.getLogger(__name__)
 

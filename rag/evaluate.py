@@ -1,0 +1,97 @@
+"""Scoring retrieval and answers on a question set (used by tunerag.pipeline and scripts/bench_rag.py).
+
+Per embedder: index build time and chunks/s into a Chroma store, retrieval latency (median, p95) and
+recall@k; per LLM: load time, time to first token, generation tokens/s and answer match (see rag.metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunerag.models import MINILM, SMOLLM2
+from tunerag.samples import SAMPLE_QA, SAMPLE_REPORT
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RagEvalConfig:
+    """Index, retrieval and generation figures for rag.cli on a question set (default: the shipped sample)."""
+
+    embeddings: list[str] = field(default_factory=lambda: [MINILM], metadata={"help": "Embedder(s) to compare (repeat)."})
+    llm: list[str] = field(default_factory=lambda: [SMOLLM2], metadata={"help": "LLM(s) to compare (repeat)."})
+    file: list[Path] = field(default_factory=lambda: [SAMPLE_REPORT], metadata={
+        "help": "Document(s) or folder(s) to index (repeat)."})
+    qa: Path = field(default=SAMPLE_QA, metadata={"help": "Questions with answer and passage."})
+    k: int = field(default=4, metadata={"help": "Passages per question."})
+    chunk_size: int = field(default=512, metadata={"help": "As rag.cli (capped at the embedder's limit)."})
+    chunk_overlap: int = field(default=50, metadata={"help": "As rag.cli."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Longest answer; the expected answers are short figures."})
+    gen_questions: int = field(default=66, metadata={"help": "Answer only the first N questions with each LLM (generation is slow on CPU)."})
+    seed: int = field(default=0, metadata={"help": "Seed (decoding is greedy)."})
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def bench_embedder(cfg: RagEvalConfig, spec: str, items: list[dict], persist_dir: Path) -> dict:
+    from rag.cli import Answerer
+    from rag.config import RagConfig
+    from rag.metrics import recall_at_k
+
+    t0 = time.perf_counter()
+    answerer = Answerer(RagConfig(file=list(cfg.file), question="-", embeddings=spec, persist_dir=persist_dir, k=cfg.k,
+                                  chunk_size=cfg.chunk_size, chunk_overlap=cfg.chunk_overlap, retrieve_only=True), t0)
+    report = answerer.report
+    answerer.retriever.invoke(items[0]["question"])  # warm-up, not timed
+    latencies, retrieved = [], []
+    for item in items:
+        t = time.perf_counter()
+        docs = answerer.retriever.invoke(item["question"])
+        latencies.append(time.perf_counter() - t)
+        retrieved.append([d.page_content for d in docs])
+    top1 = [r[:1] for r in retrieved]
+    return {
+        "embeddings": spec, "collection": report.collection, "chunks": report.chunks,
+        "load_s": round(answerer.timings["load_embedder"], 3),
+        "index_build_s": report.seconds, "chunks_per_s": round(report.embedded / report.seconds, 1),
+        "retrieval_median_ms": round(1000 * statistics.median(latencies), 1),
+        "retrieval_p95_ms": round(1000 * percentile(latencies, 0.95), 1),
+        f"recall@{cfg.k}": round(recall_at_k(retrieved, items), 4), "recall@1": round(recall_at_k(top1, items), 4),
+    }
+
+
+def bench_llm(cfg: RagEvalConfig, spec: str, embedder: str, items: list[dict], persist_dir: Path) -> dict:
+    from rag.cli import Answerer
+    from rag.config import RagConfig
+    from rag.metrics import answer_matches
+
+    t0 = time.perf_counter()
+    answerer = Answerer(RagConfig(file=list(cfg.file), question="-", embeddings=embedder, llm=spec, persist_dir=persist_dir,
+                                  k=cfg.k, chunk_size=cfg.chunk_size, chunk_overlap=cfg.chunk_overlap,
+                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed), t0)
+    ttft, rates, matches, answers = [], [], [], []
+    for item in items[: cfg.gen_questions]:
+        out: dict = {}
+        stamps: list[float] = []
+        t = time.perf_counter()
+        marks = answerer.ask(item["question"], out, on_token=lambda _: stamps.append(time.perf_counter()))
+        ttft.append(marks.get("first_token", time.perf_counter() - t))
+        tokens = len(answerer.tokenizer(out["result"], add_special_tokens=False)["input_ids"])
+        if len(stamps) > 1 and tokens > 1:
+            rates.append((tokens - 1) / (stamps[-1] - stamps[0]))
+        matches.append(answer_matches(out["result"], item["answer"]))
+        answers.append({"id": item["id"], "answer": item["answer"], "result": out["result"], "match": matches[-1]})
+        logger.info("%s %s: %s | expected %s", item["id"], "ok " if matches[-1] else "no ", out["result"][:100].replace("\n", " "), item["answer"])
+    return {
+        "llm": spec, "embeddings": embedder, "questions": len(matches), "load_s": round(answerer.timings["load_llm"], 3),
+        "first_token_median_s": round(statistics.median(ttft), 3), "first_token_p95_s": round(percentile(ttft, 0.95), 3),
+        "tokens_per_s_median": round(statistics.median(rates), 2) if rates else None,
+        "answer_match": round(sum(matches) / len(matches), 4), "answers": answers,
+    }

@@ -1,0 +1,3 @@
+from tunerag.cli import main
+
+main()
