@@ -20,7 +20,11 @@ class PrepareConfig:
 
     docs: list[Path] = field(default_factory=list, metadata={
         "positional": True, "metavar": "DOCS",
-        "help": "Documents: .txt, .md or .pdf files, or folders of them (walked)."})
+        "help": "Documents: .txt, .md, .pdf, .html or .docx files, or folders of them (walked; a bad file "
+                "found in a folder is skipped with a warning, see --strict)."})
+    strict: bool = field(default=False, metadata={
+        "help": "Stop at the first unreadable file found in a DOCS folder instead of skipping it (a bad file "
+                "named on the command line always stops)."})
     out: Path = field(default=Path("pairs"), metadata={"help": "Folder for train.json, val.json and prepare_stats.json."})
     qa_file: Path | None = field(default=None, metadata={
         "help": "Use an existing Q/A set instead of DOCS: JSON, JSONL or CSV with question and answer "

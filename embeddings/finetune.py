@@ -16,14 +16,13 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from embeddings.config import FinetuneConfig
 from embeddings.data import Pairs, load_pairs
-from tunerag.common import TuneragError, run_cli, write_json_atomic
+from tunerag.common import TuneragError, replace_folder, run_cli, temp_folder, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +77,7 @@ def main(cfg: FinetuneConfig) -> dict:
         raise TuneragError(f"--out {str(cfg.out)!r} exists and is not empty; pick a new folder or remove it")
     # Checkpoints live in a temp folder beside --out (made now, so an unwritable --out fails before any work)
     try:
-        cfg.out.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.tmp-", dir=cfg.out.parent))
+        work = temp_folder(cfg.out)  # also removes what killed runs left beside --out (checkpoints included)
     except OSError as e:
         raise TuneragError(f"cannot write --out {str(cfg.out)!r}: {e.strerror or e}") from None
     try:
@@ -183,9 +181,7 @@ def train_and_save(cfg: FinetuneConfig, config: dict, train: Pairs, val: Pairs, 
             f.write(card_section(cfg, data, before, after, train_seconds))
         write_json_atomic(staged / "metrics.json", metrics)
         write_json_atomic(staged / "run_config.json", config)
-        if cfg.out.exists():
-            cfg.out.rmdir()  # checked empty above
-        staged.rename(cfg.out)
+        replace_folder(staged, cfg.out)  # an empty --out (checked above) is swapped out, never left half-full
     except OSError as e:
         raise TuneragError(f"cannot write the model to --out {str(cfg.out)!r}: {e.strerror or e}") from None
     logger.info("saved %s: val NDCG@10 %.4f -> %.4f in %.0f s (%.1f pairs/s)", cfg.out, before[MAIN_METRIC],

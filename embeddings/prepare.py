@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -51,8 +50,16 @@ from embeddings.data import (
     split_sentences,
     stable_rng,
 )
-from tunerag.common import TuneragError, first_line, run_cli, tunerag_home, write_json_atomic
-from tunerag.documents import find_documents, read_document
+from tunerag.common import (
+    TuneragError,
+    first_line,
+    replace_folder,
+    run_cli,
+    temp_folder,
+    tunerag_home,
+    write_json_atomic,
+)
+from tunerag.documents import read_documents
 
 logger = logging.getLogger(__name__)
 
@@ -80,15 +87,16 @@ def embedder_token_counter(spec: str, chunk_tokens: int):
 
 def document_chunks(cfg: PrepareConfig) -> tuple[list[Chunk], list[Chunk], dict]:
     """(train chunks, val chunks, stats) for the documents in cfg.docs."""
-    paths = find_documents(cfg.docs)
+    documents, skipped = read_documents(cfg.docs, cfg.strict)  # before the embedder loads: bad input fails fast
+    paths = [p for p, _ in documents]
     count_tokens, limit = embedder_token_counter(cfg.embedder, cfg.chunk_tokens)
     overlap = min(cfg.chunk_overlap, limit // 2 - 1)
     names = {}
     for p in paths:  # short ids; the full path only where two documents share a file name
         names[p] = p.name if sum(q.name == p.name for q in paths) == 1 else str(p)
     sentences, dropped_lines, empty = {}, 0, []
-    for p in paths:
-        lines, dropped = clean_text(read_document(p), cfg.drop_pattern)
+    for p, text in documents:
+        lines, dropped = clean_text(text, cfg.drop_pattern)
         dropped_lines += dropped
         sents = split_sentences(lines)
         if sents:
@@ -122,7 +130,7 @@ def document_chunks(cfg: PrepareConfig) -> tuple[list[Chunk], list[Chunk], dict]
         train, val = train[: cfg.max_chunks], val[: cfg.max_chunks]
     if not val:
         raise TuneragError("the validation side is empty; add documents or raise --val-fraction")
-    stats = {"documents": len(paths), "split": split, "chunk_tokens": limit, "chunk_overlap": overlap,
+    stats = {"documents": len(paths), "documents_skipped": [str(p) for p, _ in skipped], "split": split, "chunk_tokens": limit, "chunk_overlap": overlap,
              "lines_dropped_by_pattern": dropped_lines, "documents_without_text": len(empty),
              "max_chunk_tokens": max(count_tokens(c.text) for c in train + val)}
     return train, val, stats
@@ -303,32 +311,25 @@ def data_stats(stats: dict) -> dict:
 
 @contextmanager
 def staging_folder(out: Path):
-    """A temp folder beside `out`, made before the long work so a bad --out fails at once; on leaving
-    without an error it replaces `out` whole (the old folder is removed only after the rename)."""
+    """A temp folder beside `out`, made before the long work so a bad --out fails at once (what killed
+    runs left there is removed first); on leaving without an error it replaces `out` whole."""
     if out.exists() and not out.is_dir():
         raise TuneragError(f"--out {str(out)!r} is a file; pass a folder")
     if out.is_dir() and not {p.name for p in out.iterdir()} <= set(OUTPUTS):
         raise TuneragError(f"--out {str(out)!r} holds files other than {', '.join(OUTPUTS)}; pick a new or empty "
                            "folder (it is replaced whole)")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        stage = temp_folder(out)
     except OSError as e:
         raise TuneragError(f"cannot write --out {str(out)!r}: {e.strerror or e}") from None
-    old = stage.with_name(stage.name.replace(".tmp-", ".old-"))
     try:
         yield stage
         try:
-            if out.exists():
-                out.rename(old)
-            stage.rename(out)
+            replace_folder(stage, out)
         except OSError as e:
-            if old.exists() and not out.exists():
-                old.rename(out)  # put the previous set back
             raise TuneragError(f"cannot replace --out {str(out)!r}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def main(cfg: PrepareConfig) -> dict:

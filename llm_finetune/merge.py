@@ -5,23 +5,23 @@
 
 The base is the one recorded with the adapter (`--base` overrides it), loaded in --dtype, never in
 4-bit. The merged folder is written beside --out under a temporary name, reloaded from disk, and its
-logits on a probe batch compared with base+adapter before it is renamed into place: a head lost on
-the way (e.g. re-tied to the input embeddings of a tied base such as SmolLM2) fails the merge.
+logits on a probe batch compared with base+adapter before it is swapped into place: a head lost on
+the way (e.g. re-tied to the input embeddings of a tied base such as SmolLM2) fails the merge. With
+--overwrite, --out holds the old or the new complete model at every instant, even if the merge is
+killed; temp folders of killed merges are removed by the next one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from llm_finetune.config import MergeConfig
-from tunerag.common import TuneragError, run_cli
-from tunerag.models import resolve_llm
+from tunerag.common import TuneragError, replace_folder, run_cli, temp_folder
+from tunerag.models import check_tokenizer, resolve_llm
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,10 @@ def main(cfg: MergeConfig) -> dict[str, Any]:
                 needed / 2**30, available / 2**30)
     check_memory(needed, available, cfg.dtype, cfg.device)
 
-    tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").is_file() else base_path)
+    tokenizer_from = adapter if (adapter / "tokenizer_config.json").is_file() else Path(base_path)
+    if tokenizer_from.is_dir():
+        check_tokenizer(tokenizer_from, "adapter" if tokenizer_from == adapter else "base")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
     dtype = getattr(torch, cfg.dtype)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(cfg.device)
     base_head = model.get_output_embeddings().weight.detach().clone()
@@ -170,8 +173,7 @@ def main(cfg: MergeConfig) -> dict[str, Any]:
         if getattr(merged.config, "get_text_config", None):
             merged.config.get_text_config().tie_word_embeddings = False
     merged.config.dtype = cfg.dtype
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_folder(out)
     try:
         merged.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
         tokenizer.save_pretrained(tmp)
@@ -195,11 +197,7 @@ def main(cfg: MergeConfig) -> dict[str, Any]:
         report = {"adapter": str(adapter), "base": base_spec, "dtype": cfg.dtype, "max_abs_logit_diff": diff,
                   "tolerance": tolerance, "head_max_abs_change": head_change, "params": n_params}
         (tmp / "merge_info.json").write_text(json.dumps(report, indent=2))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("merged model saved in %s (head changed by up to %.3g); load it with "

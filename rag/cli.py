@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rag.config import RagConfig
+from rag.context import best_unit, citations, evidence_passages, evidence_record, support
+from rag.retrieve import make_retriever, open_bm25
 from tunerag.common import TuneragError, first_line, run_cli, tunerag_home
 
 logger = logging.getLogger(__name__)
@@ -31,7 +33,8 @@ HELP = "/sources shows the passages behind the last answer; /quit or Ctrl-D leav
 
 def quiet_libraries() -> None:
     """Our INFO lines stay; the libraries' INFO chatter and weight-loading bars do not."""
-    for name in ("bitsandbytes", "sentence_transformers", "transformers", "chromadb", "httpx", "urllib3", "langchain_huggingface"):
+    for name in ("bitsandbytes", "sentence_transformers", "transformers", "chromadb", "httpx", "urllib3", "langchain_huggingface",
+                 "bm25s"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import transformers
 
@@ -51,10 +54,13 @@ def read_questions(path: Path) -> list[str]:
 
 
 def to_json(out: dict) -> dict:
-    """The --json shape; score is the cosine similarity between question and passage."""
-    return {"query": out["query"], "result": out["result"], "source_documents": [
-        {"text": d.page_content, "source": d.metadata.get("source"), "chunk": d.metadata.get("chunk"),
-         "score": d.metadata.get("score")} for d in out["source_documents"]]}
+    """The --json shape (see the README): the answer, the passages it cites, its evidence sentence,
+    and the passages the LLM read, numbered as in the prompt."""
+    return {"query": out["query"], "result": out["result"], "citations": out.get("citations", []),
+            "evidence": out.get("evidence"), "source_documents": [
+                {"text": d.page_content, "source": d.metadata.get("source"), "page": d.metadata.get("page"),
+                 "chunk": d.metadata.get("chunk"), "score": d.metadata.get("score"),
+                 "found_by": d.metadata.get("found_by")} for d in out["source_documents"]]}
 
 
 def format_sources(docs: list[Any]) -> str:
@@ -63,9 +69,20 @@ def format_sources(docs: list[Any]) -> str:
     lines = []
     for i, d in enumerate(docs, 1):
         text = " ".join(d.page_content.split())
-        lines.append(f"[{i}] {Path(d.metadata.get('source', '?')).name} chunk {d.metadata.get('chunk')} "
-                     f"(cosine {d.metadata.get('score')}): {text[:300]}{'...' if len(text) > 300 else ''}")
+        page = f" page {d.metadata['page']}" if d.metadata.get("page") is not None else ""
+        found = "+".join(d.metadata.get("found_by") or [])
+        lines.append(f"[{i}] {Path(d.metadata.get('source', '?')).name}{page} chunk {d.metadata.get('chunk')} "
+                     f"(score {d.metadata.get('score')}{', ' + found if found else ''}): "
+                     f"{text[:300]}{'...' if len(text) > 300 else ''}")
     return "\n".join(lines)
+
+
+def format_evidence(evidence: dict | None) -> str:
+    if not evidence:
+        return "Evidence: (none)"
+    page = f", page {evidence['page']}" if evidence.get("page") is not None else ""
+    return (f"Evidence [{evidence['passage']}] ({Path(evidence['source'] or '?').name}{page}, "
+            f"characters {evidence['start']}-{evidence['end']}): {evidence['text']}")
 
 
 def ask(chain, question: str, out: dict, on_token: Callable[[str], None] | None = None, stop=None) -> dict:
@@ -85,6 +102,8 @@ def ask(chain, question: str, out: dict, on_token: Callable[[str], None] | None 
             if "source_documents" in chunk:
                 out["source_documents"] = chunk["source_documents"]
                 marks.setdefault("retrieve", time.perf_counter() - t0)
+            if "unit" in chunk:  # the extractive answer's sentence, with its offsets
+                out["unit"] = chunk["unit"]
             if chunk.get("result"):
                 marks.setdefault("first_token", time.perf_counter() - t0)
                 out["result"] += chunk["result"]
@@ -132,13 +151,22 @@ class Answerer:
                                  metadata={"embedder": resolved, "chunk_size": size, "chunk_overlap": overlap},
                                  persist_dir=cfg.persist_dir)
         splitter = index.make_splitter(embeddings._client.tokenizer, size, overlap)
-        self.report = index.sync_index(store, docs, splitter, reindex=cfg.reindex)
-        self.retriever = index.scored_retriever(store, cfg.k, sorted({d.metadata["source"] for d in docs}))
-        self.files = [Path(d.metadata["source"]).name for d in docs]
+        with index.store_lock(cfg.persist_dir):  # one writer at a time; queries need no lock
+            self.report = index.sync_index(store, docs, splitter, reindex=cfg.reindex)
+            bm25 = None
+            if cfg.retriever != "dense":
+                changed = bool(cfg.reindex or self.report.embedded or self.report.removed)
+                bm25 = open_bm25(store._collection, Path(cfg.persist_dir) / "bm25" / name, changed=changed)
+        self.embeddings = embeddings
+        self.retriever = make_retriever(store, bm25, cfg.k, sorted({d.metadata["source"] for d in docs}),
+                                        mode=cfg.retriever, bm25_weight=cfg.bm25_weight)
+        self.files = sorted({Path(d.metadata["source"]).name for d in docs})
         self.timings["index"] = time.perf_counter() - t
         self.stop = None
         if cfg.retrieve_only:
             self.chain = self.retrieval_chain()
+        elif cfg.answer == "extractive":
+            self.chain = self.extractive_chain()
         else:
             t = time.perf_counter()
             self.chain = self.answer_chain()
@@ -150,8 +178,20 @@ class Answerer:
 
         return RunnablePassthrough.assign(source_documents=lambda x: self.retriever.invoke(x["query"]))
 
+    def extractive_chain(self):
+        """{"query"} -> the best-matching sentence of the retrieved passages as the answer (no LLM)."""
+        from langchain_core.runnables import RunnableLambda
+
+        def answer(inputs: dict) -> dict:
+            docs = self.retriever.invoke(inputs["query"])
+            unit = best_unit(inputs["query"], docs, self.embeddings.embed_documents)
+            return {"query": inputs["query"], "source_documents": docs, "result": unit.text if unit else "",
+                    "unit": unit}
+
+        return RunnableLambda(answer, name="extractive")
+
     def answer_chain(self):
-        from rag.chain import build_chain, context_window, make_llm
+        from rag.chain import build_chain, context_window, count_tokens, make_llm
         from tunerag.models import LLM_INSTEAD, load_llm
 
         cfg = self.cfg
@@ -169,7 +209,12 @@ class Answerer:
         if window <= cfg.max_new_tokens + 64:
             raise TuneragError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in this LLM's "
                                f"{window}-token context; lower it")
-        return build_chain(self.retriever, llm, tokenizer, max_prompt_tokens=window - cfg.max_new_tokens)
+        select = None
+        if cfg.context == "sentences":
+            def select(question: str, docs: list) -> list:
+                return evidence_passages(question, docs, self.embeddings.embed_documents,
+                                         lambda text: count_tokens(tokenizer, text), cfg.context_tokens)
+        return build_chain(self.retriever, llm, tokenizer, max_prompt_tokens=window - cfg.max_new_tokens, select=select)
 
     def ask(self, question: str, out: dict, on_token: Callable[[str], None] | None = None) -> dict:
         if not question.strip():
@@ -177,6 +222,11 @@ class Answerer:
         marks = ask(self.chain, question.strip(), out, on_token, self.stop)
         if self.cfg.retrieve_only:
             out["result"] = None
+            return marks
+        docs = out["source_documents"]
+        unit = out.pop("unit", None) or support(out["result"], out["query"], docs, self.embeddings.embed_documents)
+        out["evidence"] = evidence_record(unit, docs)
+        out["citations"] = citations(out["result"], len(docs), out["evidence"])
         return marks
 
 
@@ -193,7 +243,10 @@ def one_shot(answerer: Answerer, cfg: RagConfig, t_start: float) -> dict:
     elif cfg.retrieve_only:
         print(format_sources(out["source_documents"]))
     else:
+        if cfg.answer == "extractive":
+            print(out["result"], end="")
         print()
+        print(format_evidence(out.get("evidence")))
         print("\nSources:\n" + format_sources(out["source_documents"]))
     if cfg.timings:
         t = answerer.timings

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from tunerag.models import MINILM, SMOLLM2
 
@@ -25,6 +26,18 @@ class RagConfig:
     llm: str = field(default=SMOLLM2, metadata={
         "help": f"LLM: '{SMOLLM2}' (embedded SmolLM2-135M-Instruct), a folder from llm_finetune.merge, or a hub id."})
     k: int = field(default=4, metadata={"help": "Passages retrieved per question (fewer reach the LLM if they overflow its context)."})
+    retriever: Literal["hybrid", "dense", "bm25"] = field(default="hybrid", metadata={
+        "help": "hybrid: BM25 and the embedder fused by reciprocal rank; dense: the embedder only (Chroma); "
+                "bm25: lexical only."})
+    bm25_weight: float = field(default=1.0, metadata={
+        "help": "Weight of the BM25 ranking against the embedder's (1.0) in the hybrid fusion."})
+    context: Literal["sentences", "chunks"] = field(default="sentences", metadata={
+        "help": "sentences: the LLM reads only the retrieved chunks' sentences that best match the question, up to "
+                "--context-tokens (best for small LLMs); chunks: the whole chunks."})
+    context_tokens: int = field(default=160, metadata={"help": "--context sentences: token budget of the kept sentences."})
+    answer: Literal["llm", "extractive"] = field(default="llm", metadata={
+        "help": "llm: the LLM writes the answer; extractive: the best-matching sentence itself, no LLM (fast, never "
+                "invents a figure)."})
     chunk_size: int = field(default=512, metadata={
         "help": "Chunk size in tokens of the embedder; capped at what the embedder reads (256 for MiniLM)."})
     chunk_overlap: int = field(default=50, metadata={"help": "Tokens shared by neighbouring chunks."})
@@ -33,8 +46,8 @@ class RagConfig:
     persist_dir: Path = field(default=Path("chroma_db"), metadata={"help": "Folder of the Chroma index (created if missing)."})
     reindex: bool = field(default=False, metadata={"help": "Rebuild this collection from scratch."})
     json: bool = field(default=False, metadata={
-        "help": 'Print {"query", "result", "source_documents": [{"text", "source", "chunk", "score"}]}; '
-                "score is the cosine similarity of passage and question."})
+        "help": 'Print {"query", "result", "citations", "evidence", "source_documents": [{"text", "source", "page", '
+                '"chunk", "score", "found_by"}]}; see the README for each field.'})
     timings: bool = field(default=False, metadata={
         "help": "Print load, index, retrieve, first-token and total seconds to stderr."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling when --temperature > 0."})
@@ -51,6 +64,8 @@ class RagConfig:
             raise ValueError(f"--chunk-size must be at least 8 tokens (got {self.chunk_size})")
         if not 0 <= self.chunk_overlap < self.chunk_size:
             raise ValueError(f"--chunk-overlap ({self.chunk_overlap}) must be >= 0 and < --chunk-size ({self.chunk_size})")
+        if self.bm25_weight < 0 or self.context_tokens < 16:
+            raise ValueError(f"--bm25-weight must be >= 0 and --context-tokens >= 16 (got {self.bm25_weight}, {self.context_tokens})")
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
         if self.temperature < 0:

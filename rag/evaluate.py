@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rag.config import RagConfig
 from tunerag.models import MINILM, SMOLLM2
 from tunerag.samples import SAMPLE_QA, SAMPLE_REPORT
 
@@ -32,7 +33,19 @@ class RagEvalConfig:
     chunk_overlap: int = field(default=50, metadata={"help": "As rag.cli."})
     max_new_tokens: int = field(default=64, metadata={"help": "Longest answer; the expected answers are short figures."})
     gen_questions: int = field(default=66, metadata={"help": "Answer only the first N questions with each LLM (generation is slow on CPU)."})
+    retriever: str = field(default="hybrid", metadata={"help": "As rag.cli --retriever."})
+    bm25_weight: float = field(default=1.0, metadata={"help": "As rag.cli --bm25-weight."})
+    context: str = field(default="sentences", metadata={"help": "As rag.cli --context."})
+    context_tokens: int = field(default=160, metadata={"help": "As rag.cli --context-tokens."})
+    answer: str = field(default="llm", metadata={"help": "As rag.cli --answer."})
     seed: int = field(default=0, metadata={"help": "Seed (decoding is greedy)."})
+
+    def rag_config(self, **overrides) -> RagConfig:
+        settings = {"file": list(self.file), "question": "-", "k": self.k, "chunk_size": self.chunk_size,
+                    "chunk_overlap": self.chunk_overlap, "max_new_tokens": self.max_new_tokens, "seed": self.seed,
+                    "retriever": self.retriever, "bm25_weight": self.bm25_weight, "context": self.context,
+                    "context_tokens": self.context_tokens, "answer": self.answer}
+        return RagConfig(**(settings | overrides))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -40,14 +53,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def bench_embedder(cfg: RagEvalConfig, spec: str, items: list[dict], persist_dir: Path) -> dict:
+def bench_embedder(cfg: RagEvalConfig, spec: str, items: list[dict], persist_dir: Path, ks=(1, 2, 4, 8)) -> dict:
+    """Index build (or reuse) and retrieval figures of one embedder with cfg's retriever."""
     from rag.cli import Answerer
-    from rag.config import RagConfig
     from rag.metrics import recall_at_k
 
     t0 = time.perf_counter()
-    answerer = Answerer(RagConfig(file=list(cfg.file), question="-", embeddings=spec, persist_dir=persist_dir, k=cfg.k,
-                                  chunk_size=cfg.chunk_size, chunk_overlap=cfg.chunk_overlap, retrieve_only=True), t0)
+    answerer = Answerer(cfg.rag_config(embeddings=spec, persist_dir=persist_dir, k=max(ks), retrieve_only=True), t0)
     report = answerer.report
     answerer.retriever.invoke(items[0]["question"])  # warm-up, not timed
     latencies, retrieved = [], []
@@ -56,42 +68,46 @@ def bench_embedder(cfg: RagEvalConfig, spec: str, items: list[dict], persist_dir
         docs = answerer.retriever.invoke(item["question"])
         latencies.append(time.perf_counter() - t)
         retrieved.append([d.page_content for d in docs])
-    top1 = [r[:1] for r in retrieved]
     return {
-        "embeddings": spec, "collection": report.collection, "chunks": report.chunks,
+        "embeddings": spec, "retriever": cfg.retriever, "collection": report.collection, "chunks": report.chunks,
         "load_s": round(answerer.timings["load_embedder"], 3),
-        "index_build_s": report.seconds, "chunks_per_s": round(report.embedded / report.seconds, 1),
+        "index_build_s": report.seconds, "chunks_per_s": round(report.embedded / report.seconds, 1) if report.embedded else None,
         "retrieval_median_ms": round(1000 * statistics.median(latencies), 1),
         "retrieval_p95_ms": round(1000 * percentile(latencies, 0.95), 1),
-        f"recall@{cfg.k}": round(recall_at_k(retrieved, items), 4), "recall@1": round(recall_at_k(top1, items), 4),
+        **{f"recall@{k}": round(recall_at_k([r[:k] for r in retrieved], items), 4) for k in sorted({*ks, cfg.k})},
     }
 
 
 def bench_llm(cfg: RagEvalConfig, spec: str, embedder: str, items: list[dict], persist_dir: Path) -> dict:
+    """Answer figures of one LLM (or of --answer extractive) with cfg's retriever and context."""
     from rag.cli import Answerer
-    from rag.config import RagConfig
     from rag.metrics import answer_matches
 
     t0 = time.perf_counter()
-    answerer = Answerer(RagConfig(file=list(cfg.file), question="-", embeddings=embedder, llm=spec, persist_dir=persist_dir,
-                                  k=cfg.k, chunk_size=cfg.chunk_size, chunk_overlap=cfg.chunk_overlap,
-                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed), t0)
-    ttft, rates, matches, answers = [], [], [], []
+    answerer = Answerer(cfg.rag_config(embeddings=embedder, llm=spec, persist_dir=persist_dir), t0)
+    ttft, rates, matches, evidence, answers = [], [], [], [], []
     for item in items[: cfg.gen_questions]:
         out: dict = {}
         stamps: list[float] = []
         t = time.perf_counter()
         marks = answerer.ask(item["question"], out, on_token=lambda _: stamps.append(time.perf_counter()))
         ttft.append(marks.get("first_token", time.perf_counter() - t))
-        tokens = len(answerer.tokenizer(out["result"], add_special_tokens=False)["input_ids"])
-        if len(stamps) > 1 and tokens > 1:
-            rates.append((tokens - 1) / (stamps[-1] - stamps[0]))
+        if cfg.answer == "llm":
+            tokens = len(answerer.tokenizer(out["result"], add_special_tokens=False)["input_ids"])
+            if len(stamps) > 1 and tokens > 1:
+                rates.append((tokens - 1) / (stamps[-1] - stamps[0]))
         matches.append(answer_matches(out["result"], item["answer"]))
-        answers.append({"id": item["id"], "answer": item["answer"], "result": out["result"], "match": matches[-1]})
+        evidence.append(bool(out.get("evidence")) and answer_matches(out["evidence"]["text"], item["answer"]))
+        answers.append({"id": item["id"], "answer": item["answer"], "result": out["result"], "match": matches[-1],
+                        "evidence": (out.get("evidence") or {}).get("text"), "evidence_match": evidence[-1],
+                        "citations": out.get("citations")})
         logger.info("%s %s: %s | expected %s", item["id"], "ok " if matches[-1] else "no ", out["result"][:100].replace("\n", " "), item["answer"])
     return {
-        "llm": spec, "embeddings": embedder, "questions": len(matches), "load_s": round(answerer.timings["load_llm"], 3),
+        "llm": spec if cfg.answer == "llm" else "(extractive)", "embeddings": embedder, "retriever": cfg.retriever,
+        "context": cfg.context if cfg.answer == "llm" else "-", "questions": len(matches),
+        "load_s": round(answerer.timings.get("load_llm", 0.0), 3),
         "first_token_median_s": round(statistics.median(ttft), 3), "first_token_p95_s": round(percentile(ttft, 0.95), 3),
         "tokens_per_s_median": round(statistics.median(rates), 2) if rates else None,
-        "answer_match": round(sum(matches) / len(matches), 4), "answers": answers,
+        "answer_match": round(sum(matches) / len(matches), 4), "evidence_match": round(sum(evidence) / len(evidence), 4),
+        "answers": answers,
     }

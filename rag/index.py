@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 STORE_MARKER = "tunerag-store.json"
 EMBED_BATCH = 32  # chunks per add: small enough for a live chunks/s progress bar
+SPLIT_BLOCK_CHARS = 1 << 20  # a bigger document is split block by block, with a progress bar
+ID_BATCH = 5000  # ids per chromadb get/delete: its SQLite allows about 32,000 variables per statement
 
 
 class StoreError(TuneragError):
@@ -87,9 +89,33 @@ def chunk_id(source: str, text_sha: str, position: int) -> str:
     return hashlib.sha256(f"{source}\0{text_sha}\0{position}".encode("utf-8")).hexdigest()
 
 
+def text_blocks(text: str, size: int = SPLIT_BLOCK_CHARS) -> list[tuple[int, str]]:
+    """(offset, block) pieces of about `size` characters cut at paragraph breaks: the splitter's progress
+    on a big file can then be shown, and its work stays linear. One block for a normal document."""
+    if len(text) <= size:
+        return [(0, text)]
+    blocks, start = [], 0
+    while start < len(text):
+        end = len(text) if len(text) - start <= size else text.rfind("\n\n", start + size // 2, start + size)
+        if end <= start:
+            end = min(len(text), start + size)
+        blocks.append((start, text[start:end]))
+        start = end
+    return blocks
+
+
 def split_document(doc, splitter) -> tuple[list[Any], list[str]]:
     """The chunks of one document, numbered, and their durable ids."""
-    chunks = splitter.split_documents([doc])
+    from langchain_core.documents import Document
+    from tqdm.auto import tqdm
+
+    blocks = text_blocks(doc.page_content)
+    chunks = []
+    for offset, block in tqdm(blocks, desc=f"chunking {Path(doc.metadata['source']).name}", unit="block",
+                              disable=len(blocks) < 4 or None):
+        for chunk in splitter.split_documents([Document(page_content=block, metadata=doc.metadata)]):
+            chunk.metadata["start_index"] = chunk.metadata.get("start_index", 0) + offset
+            chunks.append(chunk)
     for position, chunk in enumerate(chunks):
         chunk.metadata["chunk"] = position
     source, sha = doc.metadata["source"], doc.metadata["sha256"]
@@ -139,12 +165,39 @@ def open_client(persist_dir: Path):
     from chromadb.config import Settings
 
     try:
-        client = chromadb.PersistentClient(path=str(folder), settings=Settings(anonymized_telemetry=False))
-        client.list_collections()  # a damaged database fails here, not half-way through indexing
-    except Exception as e:  # chromadb raises many types (sqlite, Rust bindings); all mean the same here
-        raise StoreError(f"the index in {str(folder)!r} cannot be opened ({first_line(e)}); "
-                         "delete that folder to rebuild it, or pass another --persist-dir") from None
+        # Two runs creating the same new store at once race on its SQLite schema ("table collections
+        # already exists"): creation happens under a lock file, so the second one opens what the first made.
+        with store_lock(folder):
+            client = chromadb.PersistentClient(path=str(folder), settings=Settings(anonymized_telemetry=False))
+            client.list_collections()  # a damaged database fails here, not half-way through indexing
+    except Exception as e:  # chromadb raises many types (sqlite, Rust bindings)
+        raise StoreError(f"the index in {str(folder)!r} cannot be opened ({first_line(e)}); {store_advice(folder)}") from None
     return client
+
+
+def store_lock(folder: Path, timeout_s: float = 600):
+    """An exclusive lock on the store folder (creation and indexing; queries need none)."""
+    from filelock import FileLock
+
+    return FileLock(str(folder / ".tunerag.lock"), timeout=timeout_s)
+
+
+def store_advice(folder: Path) -> str:
+    """What to do about a store that failed: "delete" only when SQLite says the file is damaged."""
+    import sqlite3
+
+    db = folder / "chroma.sqlite3"
+    if not db.is_file():
+        return "pass another --persist-dir, or check that folder's permissions"
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.Error as e:
+        verdict = first_line(e)
+    if verdict == "ok":
+        return ("its database is intact (SQLite quick_check: ok): check that folder's permissions and free space, "
+                "or whether another program holds it, and try again")
+    return f"its database is damaged (SQLite: {verdict}); delete that folder to rebuild it, or pass another --persist-dir"
 
 
 def load_embeddings(spec: str):
@@ -176,8 +229,8 @@ def open_store(client, name: str, embeddings, metadata: dict[str, Any] | None = 
         return Chroma(collection_name=name, embedding_function=embeddings, client=client,
                       collection_metadata=metadata or None, collection_configuration={"hnsw": {"space": "cosine"}})
     except Exception as e:
-        raise StoreError(f"collection {name!r} in {str(persist_dir)!r} cannot be opened ({first_line(e)}); "
-                         "delete that folder to rebuild it") from None
+        advice = store_advice(Path(persist_dir)) if persist_dir is not None else "pass another --persist-dir"
+        raise StoreError(f"collection {name!r} in {str(persist_dir)!r} cannot be opened ({first_line(e)}); {advice}") from None
 
 
 @contextmanager
@@ -193,6 +246,10 @@ def writing_into(store):
         folder = store._client.get_settings().persist_directory
         raise StoreError(f"the index in {str(folder)!r} cannot be written ({first_line(e)}); "
                          "check that folder's permissions and free space, or pass another --persist-dir") from None
+
+
+def batches(items: list, size: int = ID_BATCH) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def sync_index(store, docs: list[Any], splitter, *, reindex: bool = False, show_progress: bool | None = None) -> IndexReport:
@@ -215,10 +272,11 @@ def sync_index(store, docs: list[Any], splitter, *, reindex: bool = False, show_
         stale = [i for i in collection.get(where={"source": source}, include=[])["ids"] if i not in wanted]
         if stale:
             with writing_into(store):
-                collection.delete(ids=stale)
+                for batch in batches(stale):
+                    collection.delete(ids=batch)
             removed += len(stale)
             logger.info("%s changed since it was indexed: removed its %d old chunks", source, len(stale))
-        stored = set(collection.get(ids=ids, include=[])["ids"])
+        stored = {i for batch in batches(ids) for i in collection.get(ids=batch, include=[])["ids"]}
         reused += len(stored)
         todo += [(chunk, i) for chunk, i in zip(chunks, ids) if i not in stored]
         if stored and len(stored) == len(ids):

@@ -1,9 +1,15 @@
-"""python scripts/bench_rag.py [--embeddings minilm --embeddings out/tuned] [--llm smollm2 --llm out/merged] [--gen-questions 66]
+"""python scripts/bench_rag.py [--corpus sample --corpus long] [--split heldout] [--gen-questions 40]
 
-RAG benchmark on the shipped sample: per embedder, index build time and chunks/s into a fresh
-Chroma store, retrieval latency (median, p95) and recall@k over data/finance_qa.json; per LLM (with
-the first embedder), load time, time to first token, generation tokens/s and answer quality (share of
-answers containing the expected `answer`, see rag/metrics.py). One JSON object on stdout, a table on stderr.
+RAG benchmark of rag.cli's own path (rag.cli.Answerer) on the shipped corpora, side by side in one run:
+  - per retriever (dense, bm25, hybrid): answer-in-top-k for k = 1, 2, 4, 8 (a top-k chunk holds the
+    question's answering passage, rag.metrics.chunk_answers), retrieval latency median/p95, and the
+    index build time and chunks/s into a fresh Chroma store;
+  - per answer configuration (retriever/context, or retriever/extractive): answer match (the answer holds
+    the expected figure), evidence match (the evidence sentence holds it), time to first token.
+Corpora: `sample` (the 2025 report, 66 questions) and `long` (three annual reports, a rating
+methodology and a bond prospectus, tunerag/data/long). Each question set is split into a tuning half and
+a held-out half (`split` field); defaults are chosen on `--split tune`, figures reported on `heldout`.
+One JSON object on stdout, a table on stderr.
 """
 
 from __future__ import annotations
@@ -14,17 +20,41 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runs from a checkout without an install
 
-from rag.evaluate import RagEvalConfig as BenchRagConfig  # noqa: E402
-from rag.evaluate import bench_embedder, bench_llm  # noqa: E402
+from rag.evaluate import RagEvalConfig, bench_embedder, bench_llm  # noqa: E402
 from tunerag.common import run_cli  # noqa: E402
+from tunerag.models import MINILM, SMOLLM2  # noqa: E402
+from tunerag.samples import corpus_files, corpus_questions  # noqa: E402
 
 logger = logging.getLogger("bench_rag")
+
+
+@dataclass
+class BenchRagConfig:
+    """python scripts/bench_rag.py: retrieval and answer figures per retriever and context mode, on the shipped corpora."""
+
+    corpus: list[str] = field(default_factory=lambda: ["sample", "long"], metadata={"help": "sample and/or long (repeat)."})
+    split: Literal["heldout", "tune", "all"] = field(default="heldout", metadata={
+        "help": "Which half of each question set: tune (to choose defaults) or heldout (to report)."})
+    retrievers: list[str] = field(default_factory=lambda: ["dense", "bm25", "hybrid"], metadata={
+        "help": "Retrievers to score for answer-in-top-k (repeat)."})
+    configs: list[str] = field(default_factory=lambda: ["hybrid/sentences", "hybrid/chunks", "dense/chunks",
+                                                        "hybrid/extractive"], metadata={
+        "help": "Answer configurations RETRIEVER/CONTEXT or RETRIEVER/extractive (repeat); dense/chunks is the old path."})
+    embeddings: str = field(default=MINILM, metadata={"help": "Embedder."})
+    llm: str = field(default=SMOLLM2, metadata={"help": "LLM."})
+    k: int = field(default=4, metadata={"help": "Passages per question given to the LLM."})
+    bm25_weight: float = field(default=1.0, metadata={"help": "As rag.cli --bm25-weight."})
+    context_tokens: int = field(default=160, metadata={"help": "As rag.cli --context-tokens."})
+    max_new_tokens: int = field(default=48, metadata={"help": "Longest answer; the expected answers are short figures."})
+    gen_questions: int = field(default=0, metadata={"help": "Answer only the first N questions per corpus (0: all)."})
+    seed: int = field(default=0, metadata={"help": "Seed (decoding is greedy)."})
 
 
 def main(cfg: BenchRagConfig) -> dict:
@@ -37,36 +67,47 @@ def main(cfg: BenchRagConfig) -> dict:
     set_seed(cfg.seed)
     quiet_libraries()
     logger.info("config: %s", asdict(cfg))
-    items = json.loads(Path(cfg.qa).read_text())
-    retrieval, generation = [], []
-    with tempfile.TemporaryDirectory(prefix="bench_rag-") as tmp:
-        store = Path(tmp) / "db"  # fresh, so the index build is measured, not reused
-        for spec in cfg.embeddings:
-            retrieval.append(bench_embedder(cfg, spec, items, store))
-        for spec in cfg.llm:
-            generation.append(bench_llm(cfg, spec, cfg.embeddings[0], items, store))
+    results: dict[str, dict] = {}
+    for corpus in cfg.corpus:
+        items = corpus_questions(corpus, cfg.split)
+        base = RagEvalConfig(embeddings=[cfg.embeddings], llm=[cfg.llm], file=corpus_files(corpus), k=cfg.k,
+                             max_new_tokens=cfg.max_new_tokens, gen_questions=cfg.gen_questions or len(items),
+                             bm25_weight=cfg.bm25_weight, context_tokens=cfg.context_tokens, seed=cfg.seed)
+        retrieval, generation = [], []
+        with tempfile.TemporaryDirectory(prefix="bench_rag-") as tmp:
+            store = Path(tmp) / "db"  # fresh, so the first row measures the index build
+            for retriever in cfg.retrievers:
+                retrieval.append(bench_embedder(replace(base, retriever=retriever), cfg.embeddings, items, store))
+            for config in cfg.configs:
+                retriever, _, mode = config.partition("/")
+                run = replace(base, retriever=retriever, answer="extractive" if mode == "extractive" else "llm",
+                              context=mode if mode != "extractive" else "sentences")
+                generation.append(bench_llm(run, cfg.llm, cfg.embeddings, items, store))
+        results[corpus] = {"questions": len(items), "retrieval": retrieval, "generation": generation}
     result = {"bench": "rag", "config": asdict(cfg), "device": "cuda" if torch.cuda.is_available() else "cpu",
               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "metrics": {"retrieval": retrieval, "generation": generation},
-              "seconds": round(time.perf_counter() - t0, 3)}
-    print_table(cfg, retrieval, generation)
+              "torch": torch.__version__, "metrics": results, "seconds": round(time.perf_counter() - t0, 3)}
+    print_table(results)
     print(json.dumps(result, default=str))
     return result
 
 
-def print_table(cfg: BenchRagConfig, retrieval: list[dict], generation: list[dict]) -> None:
+def print_table(results: dict[str, dict]) -> None:
     err = sys.stderr
-    print(f"\n{'embedder':<28} {'chunks':>6} {'build s':>8} {'chunks/s':>8} {'med ms':>7} {'p95 ms':>7} "
-          f"{f'R@{cfg.k}':>6} {'R@1':>6}", file=err)
-    for r in retrieval:
-        print(f"{r['embeddings'][-28:]:<28} {r['chunks']:>6} {r['index_build_s']:>8.2f} {r['chunks_per_s']:>8.1f} "
-              f"{r['retrieval_median_ms']:>7.1f} {r['retrieval_p95_ms']:>7.1f} {r[f'recall@{cfg.k}']:>6.3f} {r['recall@1']:>6.3f}",
-              file=err)
-    print(f"\n{'llm':<28} {'n':>3} {'load s':>7} {'TTFT med':>9} {'TTFT p95':>9} {'tok/s':>6} {'match':>6}", file=err)
-    for g in generation:
-        rate = f"{g['tokens_per_s_median']:.1f}" if g["tokens_per_s_median"] else "-"
-        print(f"{g['llm'][-28:]:<28} {g['questions']:>3} {g['load_s']:>7.2f} {g['first_token_median_s']:>9.2f} "
-              f"{g['first_token_p95_s']:>9.2f} {rate:>6} {g['answer_match']:>6.3f}", file=err)
+    for corpus, r in results.items():
+        print(f"\n{corpus} ({r['questions']} questions)", file=err)
+        print(f"{'retriever':<10} {'top1':>6} {'top2':>6} {'top4':>6} {'top8':>6} {'med ms':>7} {'p95 ms':>7} "
+              f"{'build s':>8} {'chunks':>6}", file=err)
+        for x in r["retrieval"]:
+            print(f"{x['retriever']:<10} {x['recall@1']:>6.3f} {x['recall@2']:>6.3f} {x['recall@4']:>6.3f} "
+                  f"{x['recall@8']:>6.3f} {x['retrieval_median_ms']:>7.1f} {x['retrieval_p95_ms']:>7.1f} "
+                  f"{x['index_build_s']:>8.2f} {x['chunks']:>6}", file=err)
+        print(f"{'answer config':<22} {'n':>4} {'answer':>7} {'evidence':>8} {'TTFT med':>9} {'tok/s':>6}", file=err)
+        for g in r["generation"]:
+            rate = f"{g['tokens_per_s_median']:.1f}" if g["tokens_per_s_median"] else "-"
+            label = f"{g['retriever']}/{g['context'] if g['llm'] != '(extractive)' else 'extractive'}"
+            print(f"{label:<22} {g['questions']:>4} {g['answer_match']:>7.3f} {g['evidence_match']:>8.3f} "
+                  f"{g['first_token_median_s']:>9.2f} {rate:>6}", file=err)
 
 
 if __name__ == "__main__":

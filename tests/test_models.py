@@ -90,7 +90,7 @@ def test_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, mon
     def interrupted(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models.os, "replace", interrupted)
+    monkeypatch.setattr(models, "replace_folder", interrupted)
     with pytest.raises(KeyboardInterrupt):
         smollm2_folder()
     assert list((tmp_path / "models").iterdir()) == []

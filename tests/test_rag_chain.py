@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from rag.chain import INSTRUCTIONS, StopFlag, build_chain, count_tokens, fit_prompt, render_prompt
+from rag.chain import ANSWER_STYLE, INSTRUCTIONS, StopFlag, build_chain, count_tokens, fit_prompt, render_prompt
 from rag.metrics import answer_matches, chunk_answers, recall_at_k
 from tunerag.common import TuneragError
 
@@ -79,14 +79,14 @@ def test_prompt_uses_system_role_when_the_template_has_one(chatml_tokenizer):
     prompt = render_prompt(chatml_tokenizer, docs(PASSAGES[0]), "What was the CET1 ratio?")
     assert prompt.startswith(f"<|im_start|>system\n{INSTRUCTIONS}<|im_end|>")
     assert "[1] At December 31, 2025 our CET1 ratio was 11.4%" in prompt
-    assert prompt.endswith("Question: What was the CET1 ratio?\nAnswer in one short sentence.<|im_end|>\n"
+    assert prompt.endswith(f"Question: What was the CET1 ratio?\n{ANSWER_STYLE}<|im_end|>\n"
                            "<|im_start|>assistant\n")
 
 
 def test_mistral_v01_template_gets_the_instructions_in_the_user_turn(mistral_tokenizer):
     prompt = render_prompt(mistral_tokenizer, docs(PASSAGES[0]), "What was the CET1 ratio?")
     assert prompt.startswith(f"<s>[INST] {INSTRUCTIONS}\n\nQuestion: What was the CET1 ratio?\n\nPassages:\n[1] ")
-    assert prompt.endswith("Question: What was the CET1 ratio?\nAnswer in one short sentence. [/INST]")
+    assert prompt.endswith(f"Question: What was the CET1 ratio?\n{ANSWER_STYLE} [/INST]")
     ids = mistral_tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert ids.count(mistral_tokenizer.bos_token_id) == 1  # the template's <s>, not doubled
 

@@ -55,16 +55,20 @@ def test_one_shot_prints_answer_and_sources(store, sample_doc, tiny_mistral, cap
 
 def test_json_shape_and_timings(store, sample_doc, tiny_mistral, capsys):
     main(RagConfig(file=[sample_doc], question=QUESTION, llm=str(tiny_mistral), persist_dir=store,
-                   max_new_tokens=8, json=True, timings=True, k=3))
+                   max_new_tokens=8, json=True, timings=True, k=3, retriever="dense", context="chunks"))
     captured = capsys.readouterr()
     out = json.loads(captured.out)
-    assert set(out) == {"query", "result", "source_documents"}
+    assert set(out) == {"query", "result", "citations", "evidence", "source_documents"}
     assert out["query"] == QUESTION and isinstance(out["result"], str) and out["result"]
     assert len(out["source_documents"]) == 3
     for doc in out["source_documents"]:
-        assert set(doc) == {"text", "source", "chunk", "score"}
+        assert set(doc) == {"text", "source", "page", "chunk", "score", "found_by"}
         assert doc["source"] == str(sample_doc.resolve()) and isinstance(doc["chunk"], int)
-        assert -1.0 <= doc["score"] <= 1.0
+        assert -1.0 <= doc["score"] <= 1.0 and doc["found_by"] == ["dense"]
+    evidence = out["evidence"]
+    text = sample_doc.read_text(encoding="utf-8")
+    assert text[evidence["start"]:evidence["end"]] == evidence["text"]
+    assert out["citations"] and all(1 <= c <= 3 for c in out["citations"])
     scores = [d["score"] for d in out["source_documents"]]
     assert scores == sorted(scores, reverse=True)
     assert any("$415 million" in d["text"] for d in out["source_documents"])
@@ -306,7 +310,8 @@ def start_session(sample_doc, tiny_mistral, store, home, *extra):
 
 def test_session_streams_stops_shows_sources_and_quits(sample_doc, tiny_mistral, session_store, tmp_path):
     # 1500 new tokens of a random model: long enough to be stopped mid-answer; leaves room for 1 passage.
-    term = start_session(sample_doc, tiny_mistral, session_store, tmp_path / "home", "--max-new-tokens", "1500")
+    term = start_session(sample_doc, tiny_mistral, session_store, tmp_path / "home", "--max-new-tokens", "1500",
+                         "--context", "chunks")
     term.expect("/quit or Ctrl-D leaves")
     term.expect("> ")
     term.send(QUESTION + "\n")

@@ -16,6 +16,7 @@ from tunerag import __version__
 # subcommand: (module, config class, what it does); modules are imported only when their command runs
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "ask": ("rag.cli", "RagConfig", "answer questions about your documents (python -m rag.cli)"),
+    "serve": ("rag.serve", "ServeConfig", "a web page and HTTP API over your documents"),
     "prepare": ("embeddings.prepare", "PrepareConfig", "synthetic (query, passage) pairs from documents"),
     "finetune": ("embeddings.finetune", "FinetuneConfig", "fine-tune the embedder on those pairs"),
     "evaluate": ("embeddings.evaluate", "EvaluateConfig", "retrieval metrics of embedders, side by side"),

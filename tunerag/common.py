@@ -1,5 +1,6 @@
-"""Pieces every tunerag command shares: the user-facing error type, the cache folder, and the
-dataclass-to-argparse mapping behind each `python -m ...` command.
+"""Pieces every tunerag command shares: the user-facing error type, the cache folder, output folders
+replaced whole (`temp_folder` + `replace_folder`), and the dataclass-to-argparse mapping behind each
+`python -m ...` command.
 
 Each command has one config dataclass; its fields are the command's flags (`max_new_tokens` is
 `--max-new-tokens`, `--max_new_tokens` works too). Field metadata carries `help`, and optionally
@@ -13,10 +14,15 @@ into `--flag [BOOL]` plus `--no_flag`; each would change a documented command li
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
+import errno
 import json
 import logging
 import os
+import re
+import shutil
+import socket
 import sys
 import tempfile
 import types
@@ -25,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
 
 C = TypeVar("C")
+logger = logging.getLogger(__name__)
 
 
 def _not_actionable(record: logging.LogRecord) -> bool:
@@ -59,6 +66,115 @@ def write_json_atomic(path: Path, data: object) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# --- folders replaced whole -------------------------------------------------------------------
+# Every command that writes a folder (a merged model, a tuned embedder, a pairs set, the converted
+# SmolLM2) builds it in a temp folder beside the target, `.NAME.tmp-PID@HOST.RANDOM`, and swaps it in
+# with `replace_folder`. The PID and host in the name let a later run tell a dead run's leftovers
+# (a killed merge leaves a whole model) from a live run's work, on this machine or another one
+# sharing the disk.
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+
+
+def _owner_tag() -> str:
+    return f"{os.getpid()}@{_host()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    import psutil
+
+    return psutil.pid_exists(pid)
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):  # errors ignored: another new run may be removing it too
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Remove `.NAME.tmp-*` / `.NAME.old-*` folders beside `target` left by killed runs on this host."""
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)@([A-Za-z0-9-]*)\.")
+    if not target.parent.is_dir():
+        return []
+    removed, size = [], 0
+    for p in target.parent.iterdir():
+        m = pattern.match(p.name)
+        if not m or m[2] != _host() or _pid_alive(int(m[1])) or not p.is_dir() or p.is_symlink():
+            continue
+        size += _folder_bytes(p)
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    if removed:
+        logger.info("note: removed %d folder(s) left beside %s by killed runs (%s; %.0f MB)", len(removed), target,
+                    ", ".join(p.name for p in removed[:3]) + (" ..." if len(removed) > 3 else ""), size / 1e6)
+    return removed
+
+
+def temp_folder(target: Path) -> Path:
+    """A new empty folder beside `target` to build its replacement in (stale ones are removed first)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_owner_tag()}", dir=target.parent))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, or another libc
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel, or a filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the complete folder `new` at `target`, replacing any folder there; at every instant `target`
+    is either the old or the new complete folder (on Linux; elsewhere the gap is between two renames).
+
+    `new` must be on the same filesystem as `target` (build it with `temp_folder(target)`). The old
+    folder is moved to `.NAME.old-PID@HOST.*` and deleted; a kill during that delete leaves it for
+    `remove_stale_temps`.
+    """
+    new, target = Path(new), Path(target)
+    if not target.exists() and not target.is_symlink():
+        try:
+            os.rename(new, target)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not target.exists():
+                raise  # else another process put a folder there meanwhile: replace it below
+    old_holder = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{_owner_tag()}", dir=target.parent))
+    old = old_holder / target.name
+    if _exchange(new, target):
+        os.rename(new, old)
+    else:
+        os.rename(target, old)
+        try:
+            os.rename(new, target)
+        except BaseException:
+            os.rename(old, target)  # put the previous folder back
+            raise
+    shutil.rmtree(old_holder, ignore_errors=True)
 
 
 def tunerag_home() -> Path:

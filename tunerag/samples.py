@@ -21,6 +21,24 @@ def sample_path(name: str = "") -> Path:
 SAMPLE_REPORT = sample_path("finance_report.txt")
 SAMPLE_QA = sample_path("finance_qa.json")
 SAMPLE_INSTRUCTIONS = sample_path("finance_alpaca.json")
+# The question sets of each shipped corpus; every question has a "split": "tune" (to choose defaults)
+# or "heldout" (to report), and answers with a verbatim `passage` of its document.
+CORPORA = {
+    "sample": (["finance_report.txt"], ["finance_qa.json"]),
+    "long": (["long"], ["long/annual_reports_qa.json", "long/methodology_prospectus_qa.json"]),
+}
+
+
+def corpus_files(corpus: str) -> list[Path]:
+    return [sample_path(name) for name in CORPORA[corpus][0]]
+
+
+def corpus_questions(corpus: str, split: str = "all") -> list[dict]:
+    """The questions of a shipped corpus, optionally one half: "tune", "heldout" or "all"."""
+    import json
+
+    items = [item for name in CORPORA[corpus][1] for item in json.loads(sample_path(name).read_text(encoding="utf-8"))]
+    return [item for item in items if split == "all" or item.get("split") == split]
 
 
 @dataclass

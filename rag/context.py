@@ -1,0 +1,175 @@
+"""Evidence-first context for small LLMs, and the evidence and citations of an answer.
+
+A 135M model reads 1,000 tokens of passages badly and 150 tokens of the right sentences well. So
+(`--context sentences`) each retrieved chunk is cut into units - sentences, and table rows or other
+long runs cut to at most MAX_UNIT_WORDS words - every unit is scored against the question (cosine of
+the embedder plus the share of the question's BM25 terms it holds), and the best units are kept up to
+a token budget, each with the unit before it when it is a fragment, in document order within their
+chunk. A passage in the prompt is then one chunk's kept units; `[n]` numbers passages in rank order.
+
+After the answer, `evidence` is the unit of those passages that best supports it (the answer's numbers
+and words, then the question), with its source, page and character offsets in the document; and
+`citations` are the passage numbers the answer cites as `[n]`, or else the evidence's passage.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rag.retrieve import bm25_tokens
+
+MAX_UNIT_WORDS = 40  # a table row or run-together line longer than this is cut into pieces
+FRAGMENT_WORDS = 6  # a unit this short gets the unit before it, so it reads as a sentence
+SENTENCE_END = re.compile(r"(?<=[.!?;])\s+(?=[\"'(\[]?[A-Z0-9$])")
+CITATION = re.compile(r"\[(\d{1,2})\]")
+NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+@dataclass
+class Unit:
+    doc: int  # index of its passage in the retrieved list
+    start: int  # character offsets in the passage text
+    end: int
+    text: str
+    score: float = 0.0
+
+
+def split_units(text: str) -> list[tuple[int, int]]:
+    """(start, end) of the sentences and lines of `text`; long runs are cut at " | " cell breaks or
+    every MAX_UNIT_WORDS words. Pure; the spans cover the text's non-blank parts in order."""
+    spans = []
+    for line in re.finditer(r"[^\n]+", text):
+        pos = line.start()
+        for piece in SENTENCE_END.split(line.group()):
+            start = text.index(piece, pos) if piece else pos
+            pos = start + len(piece)
+            spans += cut_long(text, start, pos)
+    stripped = []
+    for s, e in spans:
+        piece = text[s:e]
+        if piece.strip():
+            s += len(piece) - len(piece.lstrip())
+            stripped.append((s, s + len(piece.strip())))
+    return stripped
+
+
+def cut_long(text: str, start: int, end: int) -> list[tuple[int, int]]:
+    words = list(re.finditer(r"\S+", text[start:end]))
+    if len(words) <= MAX_UNIT_WORDS:
+        return [(start, end)]
+    pieces, first = [], 0
+    while first < len(words):
+        last = min(first + MAX_UNIT_WORDS, len(words))
+        if last < len(words):  # prefer to end at a table cell break in the second half of the window
+            for j in range(last - 1, first + MAX_UNIT_WORDS // 2, -1):
+                if words[j].group() == "|":
+                    last = j + 1
+                    break
+        pieces.append((start + words[first].start(), start + words[last - 1].end()))
+        first = last
+    return pieces
+
+
+def lexical_overlap(question_terms: set[str], unit_terms: list[str]) -> float:
+    return len(question_terms & set(unit_terms)) / len(question_terms) if question_terms else 0.0
+
+
+def score_units(question: str, units: list[Unit], embed: Callable[[list[str]], list[list[float]]],
+                lexical_weight: float) -> None:
+    """Set each unit's score: cosine(question, unit) + lexical_weight * share of question terms in it."""
+    vectors = embed([question] + [u.text for u in units])
+    q = vectors[0]
+    q_terms = set(bm25_tokens([question])[0])
+    for unit, vec, terms in zip(units, vectors[1:], bm25_tokens([u.text for u in units])):
+        unit.score = sum(a * b for a, b in zip(q, vec)) + lexical_weight * lexical_overlap(q_terms, terms)
+
+
+def passage_units(docs: list[Any]) -> list[Unit]:
+    """The units of each passage; offsets are in the chunk's text (a cut-down passage lists its own)."""
+    units = []
+    for i, d in enumerate(docs):
+        kept = d.metadata.get("units")
+        pieces = kept if kept is not None else [(s, e, d.page_content[s:e]) for s, e in split_units(d.page_content)]
+        units += [Unit(i, s, e, text) for s, e, text in pieces]
+    return units
+
+
+def evidence_passages(question: str, docs: list[Any], embed, count_tokens: Callable[[str], int], budget_tokens: int,
+                      lexical_weight: float = 0.5) -> list[Any]:
+    """The retrieved `docs` cut down to their best-scoring units (see the module docstring). Each
+    returned Document keeps its metadata plus "units": [start, end, text] of its kept units in the chunk."""
+    from langchain_core.documents import Document
+
+    units = passage_units(docs)
+    if not units:
+        return docs
+    score_units(question, units, embed, lexical_weight)
+    kept: set[int] = set()
+    used = 0
+    for n in sorted(range(len(units)), key=lambda n: -units[n].score):
+        group = [n]
+        prev = n - 1
+        if len(units[n].text.split()) < FRAGMENT_WORDS and prev >= 0 and units[prev].doc == units[n].doc:
+            group.insert(0, prev)
+        cost = sum(count_tokens(units[g].text) for g in group if g not in kept)
+        if kept and used + cost > budget_tokens:
+            continue
+        kept.update(group)
+        used += cost
+    out = []
+    for i, doc in enumerate(docs):
+        mine = sorted((units[n].start, units[n].end, units[n].text) for n in kept if units[n].doc == i)
+        if not mine:
+            continue
+        best = max(units[n].score for n in kept if units[n].doc == i)
+        out.append((best, Document(page_content=" ".join(text for _, _, text in mine), id=doc.id,
+                                   metadata={**doc.metadata, "units": mine})))
+    # passages in rank order of their best unit: the first passage holds the best evidence
+    return [d for _, d in sorted(out, key=lambda pair: -pair[0])]
+
+
+def best_unit(question: str, docs: list[Any], embed, lexical_weight: float = 0.5) -> Unit | None:
+    """The unit of `docs` that best matches the question (the extractive answer)."""
+    units = passage_units(docs)
+    if not units:
+        return None
+    score_units(question, units, embed, lexical_weight)
+    return max(units, key=lambda u: u.score)
+
+
+def support(answer: str, question: str, docs: list[Any], embed, lexical_weight: float = 0.5) -> Unit | None:
+    """The unit of the passages that best supports `answer`: most of the answer's numbers, then of its
+    words, then the best match for the question."""
+    units = passage_units(docs)
+    if not units:
+        return None
+    score_units(question, units, embed, lexical_weight)
+    numbers = set(NUMBER.findall(answer))
+    a_terms = set(bm25_tokens([answer])[0])
+    for unit, terms in zip(units, bm25_tokens([u.text for u in units])):
+        unit.score += 2.0 * (len(numbers & set(NUMBER.findall(unit.text))) / len(numbers) if numbers else 0.0)
+        unit.score += lexical_overlap(a_terms, terms)
+    return max(units, key=lambda u: u.score)
+
+
+def evidence_record(unit: Unit | None, docs: list[Any]) -> dict | None:
+    """{"text", "passage", "source", "page", "chunk", "start", "end"}: start/end are character offsets in
+    the source document (in its page, for a PDF), so document_text[start:end] == text."""
+    if unit is None:
+        return None
+    meta = docs[unit.doc].metadata
+    base = meta.get("start_index")
+    offset = base if isinstance(base, int) else 0
+    return {"text": unit.text, "passage": unit.doc + 1, "source": meta.get("source"), "page": meta.get("page"),
+            "chunk": meta.get("chunk"), "start": offset + unit.start, "end": offset + unit.end}
+
+
+def citations(answer: str, n_passages: int, evidence: dict | None) -> list[int]:
+    """Passage numbers cited as [n] in the answer (valid ones, in order), or else the evidence's passage."""
+    cited = list(dict.fromkeys(int(m) for m in CITATION.findall(answer) if 1 <= int(m) <= n_passages))
+    if not cited and evidence is not None:
+        cited = [evidence["passage"]]
+    return cited

@@ -1,0 +1,229 @@
+"""Hybrid retrieval: BM25 over exactly the chunks of the Chroma collection, the dense side from Chroma,
+fused by weighted reciprocal rank fusion (RRF).
+
+Exact figures, years, defined terms and segment names are lexical, and a 254-token bi-encoder blurs
+them; Chroma's own sparse search is Cloud-only in 1.5.x, so the lexical side is `bm25s` here. The BM25
+index lives beside the store (`PERSIST_DIR/bm25/COLLECTION/`), keyed by the collection's chunk ids: it
+is rebuilt whenever those ids change (a file added, changed or removed, `--reindex`) and whenever it is
+missing, unreadable or built for other ids, with a note; it is never used stale.
+
+    retriever = HybridRetriever(store=store, bm25=open_bm25(store, folder), k=4, mode="hybrid")
+    retriever.invoke("What was the CET1 ratio in 2024?")   # Documents, metadata["score"], ["found_by"]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from tunerag.common import first_line
+
+logger = logging.getLogger(__name__)
+
+# Numbers keep their decimal point and separators ("11.8", "3,412"): bm25s' default pattern (\w\w+)
+# splits "11.8%" into "11" and drops the "8".
+TOKEN_PATTERN = r"(?u)\d+(?:[.,]\d+)*|\w+"
+RRF_K = 60  # the constant of Cormack et al. (2009); ranks, not scores, are fused
+BM25_META = "tunerag-bm25.json"
+GET_BATCH = 5000  # ids per chromadb get: its SQLite allows about 32,000 variables per statement
+
+
+def bm25_tokens(texts: list[str], stem: bool = True) -> list[list[str]]:
+    """Lower-cased word and number tokens, English stopwords removed, Snowball-stemmed when `stem`."""
+    import bm25s
+
+    stemmer = None
+    if stem:
+        import Stemmer
+
+        stemmer = Stemmer.Stemmer("english").stemWords
+    return bm25s.tokenize(texts, token_pattern=TOKEN_PATTERN, stopwords="en", stemmer=stemmer,
+                          return_ids=False, show_progress=False)
+
+
+def ids_digest(ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+
+
+@dataclass
+class Bm25Index:
+    """A bm25s model over the collection's chunks, with each row's chunk id and source file."""
+
+    model: Any
+    ids: list[str]
+    sources: list[str]
+    stem: bool
+
+    def search(self, query: str, k: int, allowed_sources: set[str] | None = None) -> list[tuple[str, float]]:
+        """(chunk id, BM25 score) of the best `k` chunks with any query term, from `allowed_sources` only."""
+        import numpy as np
+
+        vocab = self.model.vocab_dict
+        tokens = [t for t in bm25_tokens([query], self.stem)[0] if t in vocab]
+        if not tokens or not self.ids:
+            return []  # no lexical overlap at all: the dense side still answers
+        mask = None
+        if allowed_sources is not None:
+            mask = np.fromiter((s in allowed_sources for s in self.sources), dtype=np.float32, count=len(self.sources))
+        rows, scores = self.model.retrieve([tokens], k=min(k, len(self.ids)), show_progress=False, weight_mask=mask,
+                                           n_threads=1)
+        return [(self.ids[r], float(s)) for r, s in zip(rows[0], scores[0]) if s > 0]
+
+
+def all_chunks(collection, include: list[str]) -> dict[str, Any]:
+    """Every id (and `include`d field) of a chromadb collection, fetched in batches."""
+    out: dict[str, list] = {"ids": [], **{f: [] for f in include}}
+    offset = 0
+    while True:
+        got = collection.get(include=include, limit=GET_BATCH, offset=offset)
+        for key in out:
+            out[key] += got[key]
+        if len(got["ids"]) < GET_BATCH:
+            return out
+        offset += GET_BATCH
+
+
+def build_bm25(collection, stem: bool = True) -> Bm25Index:
+    import bm25s
+
+    chunks = all_chunks(collection, ["documents", "metadatas"])
+    model = bm25s.BM25()
+    if chunks["ids"]:
+        model.index(bm25_tokens(chunks["documents"], stem), show_progress=False)
+    return Bm25Index(model, chunks["ids"], [m.get("source", "") for m in chunks["metadatas"]], stem)
+
+
+def save_bm25(index: Bm25Index, folder: Path) -> None:
+    """Write the index into a temp folder beside `folder`, then swap it in: never half an index."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        if index.ids:
+            index.model.save(str(tmp), show_progress=False)
+        meta = {"ids_sha256": ids_digest(index.ids), "ids": index.ids, "sources": index.sources, "stem": index.stem}
+        (tmp / BM25_META).write_text(json.dumps(meta), encoding="utf-8")
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_bm25(folder: Path, expected_ids: list[str], stem: bool) -> tuple[Bm25Index | None, str]:
+    """(the stored index, "") when it matches the collection's ids and settings, else (None, why not)."""
+    import bm25s
+
+    meta_path = folder / BM25_META
+    if not meta_path.is_file():
+        return None, "missing"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("ids_sha256") != ids_digest(expected_ids) or sorted(meta["ids"]) != sorted(expected_ids):
+            return None, "built for other chunks than the collection holds"
+        if meta.get("stem") != stem:
+            return None, "built with other tokenizer settings"
+        model = bm25s.BM25.load(str(folder), show_progress=False) if meta["ids"] else bm25s.BM25()
+        if meta["ids"] and model.scores["num_docs"] != len(meta["ids"]):
+            return None, "damaged (row count differs from its ids)"
+    except Exception as e:  # noqa: BLE001 - any unreadable file means the same: rebuild it
+        return None, f"unreadable ({first_line(e)})"
+    return Bm25Index(model, meta["ids"], meta["sources"], stem), ""
+
+
+def open_bm25(collection, folder: Path, stem: bool = True, changed: bool = False) -> Bm25Index:
+    """The BM25 index of `collection`, stored in `folder`: loaded when it matches the collection's
+    ids, rebuilt (with a note) when it does not or when the caller says the collection `changed`."""
+    ids = all_chunks(collection, [])["ids"]
+    index, why = (None, "the collection changed") if changed else load_bm25(folder, ids, stem)
+    if index is not None:
+        return index
+    if why != "missing":
+        logger.info("note: BM25 index %s: %s; rebuilt", folder, why)
+    index = build_bm25(collection, stem)
+    try:
+        save_bm25(index, folder)
+    except OSError as e:  # a read-only store still answers, with an in-memory BM25 index
+        logger.warning("the BM25 index could not be saved to %s (%s); using it in memory", folder, e.strerror or e)
+    return index
+
+
+def rrf(rankings: dict[str, list[str]], weights: dict[str, float]) -> list[tuple[str, float, list[str]]]:
+    """(id, fused score, sides that found it), best first: sum over sides of weight / (RRF_K + rank)."""
+    fused: dict[str, float] = {}
+    found: dict[str, list[str]] = {}
+    for side, ranked in rankings.items():
+        for rank, doc_id in enumerate(ranked, 1):
+            fused[doc_id] = fused.get(doc_id, 0.0) + weights[side] / (RRF_K + rank)
+            found.setdefault(doc_id, []).append(side)
+    return sorted(((i, s, found[i]) for i, s in fused.items()), key=lambda t: -t[1])
+
+
+def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mode: str = "hybrid",
+                   bm25_weight: float = 1.0, fetch_k: int | None = None):
+    from langchain_core.callbacks import CallbackManagerForRetrieverRun
+    from langchain_core.documents import Document
+    from langchain_core.retrievers import BaseRetriever
+    from pydantic import ConfigDict
+
+    class HybridRetriever(BaseRetriever):
+        """Top-k chunks of the given files. metadata["score"]: the cosine similarity (dense), the BM25
+        score (bm25) or the fused RRF score (hybrid); "found_by": the sides that ranked it; for hybrid
+        also "dense_score" and "bm25_score" where that side found it."""
+
+        model_config = ConfigDict(arbitrary_types_allowed=True)
+        store: Any
+        bm25: Any
+        k: int
+        sources: list[str]
+        mode: Literal["hybrid", "dense", "bm25"]
+        bm25_weight: float
+        fetch_k: int
+
+        def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
+            allowed = set(self.sources)
+            where = {"source": self.sources[0]} if len(self.sources) == 1 else {"source": {"$in": self.sources}}
+            dense: dict[str, tuple[Document, float]] = {}
+            if self.mode != "bm25":
+                for doc, distance in self.store.similarity_search_with_score(query, k=self.fetch_k if self.mode == "hybrid" else self.k, filter=where):
+                    dense[doc.id] = (doc, round(1.0 - distance, 4))
+            lexical = self.bm25.search(query, self.fetch_k if self.mode == "hybrid" else self.k, allowed) if self.mode != "dense" else []
+            bm25_scores = dict(lexical)
+            if self.mode == "dense":
+                ranked = [(i, s, ["dense"]) for i, (_, s) in dense.items()]
+            elif self.mode == "bm25":
+                ranked = [(i, round(s, 4), ["bm25"]) for i, s in lexical]
+            else:
+                ranked = rrf({"dense": list(dense), "bm25": [i for i, _ in lexical]},
+                             {"dense": 1.0, "bm25": self.bm25_weight})
+            ranked = ranked[: self.k]
+            missing = [i for i, _, _ in ranked if i not in dense]
+            fetched = {}
+            if missing:
+                got = self.store._collection.get(ids=missing, include=["documents", "metadatas"])
+                fetched = {i: Document(page_content=t, id=i, metadata=m or {})
+                           for i, t, m in zip(got["ids"], got["documents"], got["metadatas"])}
+            out = []
+            for doc_id, score, sides in ranked:
+                base = dense[doc_id][0] if doc_id in dense else fetched.get(doc_id)
+                if base is None:
+                    continue
+                meta = {**base.metadata, "score": round(score, 6) if self.mode == "hybrid" else score, "found_by": sides}
+                if self.mode == "hybrid":
+                    if doc_id in dense:
+                        meta["dense_score"] = dense[doc_id][1]
+                    if doc_id in bm25_scores:
+                        meta["bm25_score"] = round(bm25_scores[doc_id], 4)
+                out.append(Document(page_content=base.page_content, id=doc_id, metadata=meta))
+            return out
+
+    return HybridRetriever(store=store, bm25=bm25, k=k, sources=sources, mode=mode, bm25_weight=bm25_weight,
+                           fetch_k=fetch_k or max(4 * k, 20))
