@@ -135,7 +135,7 @@ class Answerer:
         self.cfg = cfg
         self.timings: dict[str, float] = {}
         # The cheap checks (documents, store folder) come before any model loads.
-        docs = index.load_documents(cfg.file)
+        docs = index.load_documents(cfg.file, cfg.strict)
         client = index.open_client(cfg.persist_dir)
         t = time.perf_counter()
         quiet_libraries()

@@ -15,7 +15,7 @@ class RagConfig:
     persistent Chroma index, with the embedded MiniLM + SmolLM2 or your tuned models. Without -q or
     --questions it opens an interactive session (/sources, /quit, Ctrl-D; Ctrl-C stops an answer)."""
 
-    file: list[Path] = field(metadata={"help": "A .txt, .md or .pdf document (or a folder of them); repeat the flag for more.",
+    file: list[Path] = field(metadata={"help": "A .txt, .md, .pdf, .html/.htm or .docx document (or a folder of them); repeat the flag for more.",
                                        "metavar": "PATH"})
     question: str | None = field(default=None, metadata={"help": "Answer this one question and exit.", "aliases": ["-q"]})
     questions: Path | None = field(default=None, metadata={
@@ -45,6 +45,8 @@ class RagConfig:
     temperature: float = field(default=0.0, metadata={"help": "0 decodes greedily (deterministic); above 0 samples."})
     persist_dir: Path = field(default=Path("chroma_db"), metadata={"help": "Folder of the Chroma index (created if missing)."})
     reindex: bool = field(default=False, metadata={"help": "Rebuild this collection from scratch."})
+    strict: bool = field(default=False, metadata={
+        "help": "Stop at a bad file inside a --file folder (default: skip it with a warning that lists it)."})
     json: bool = field(default=False, metadata={
         "help": 'Print {"query", "result", "citations", "evidence", "source_documents": [{"text", "source", "page", '
                 '"chunk", "score", "found_by"}]}; see the README for each field.'})

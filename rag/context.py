@@ -157,7 +157,7 @@ def support(answer: str, question: str, docs: list[Any], embed, lexical_weight: 
 
 def evidence_record(unit: Unit | None, docs: list[Any]) -> dict | None:
     """{"text", "passage", "source", "page", "chunk", "start", "end"}: start/end are character offsets in
-    the source document (in its page, for a PDF), so document_text[start:end] == text."""
+    the document's text as read (all pages of a PDF joined), so document_text[start:end] == text."""
     if unit is None:
         return None
     meta = docs[unit.doc].metadata

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tunerag.common import TuneragError, first_line
-from tunerag.documents import find_documents, read_document
+from tunerag.documents import read_documents, read_pages
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +55,31 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def load_documents(paths: list[Path]) -> list[Any]:
-    """One LangChain `Document` per file (txt/md/pdf, folders walked), with source and content hash."""
+def load_documents(paths: list[Path], strict: bool = False) -> list[Any]:
+    """One LangChain `Document` per file (folders walked; a bad file inside a folder is skipped with a
+    warning unless `strict`), with source and content hash; a PDF also carries where each page starts,
+    so its chunks get metadata["page"]."""
     from langchain_core.documents import Document
 
     docs = []
-    for path in find_documents(paths):
-        text = read_document(path)
-        docs.append(Document(page_content=text, metadata={"source": str(path.resolve()), "sha256": text_sha256(text)}))
+    for path, text in read_documents(paths, strict)[0]:
+        meta = {"source": str(path.resolve()), "sha256": text_sha256(text)}
+        if path.suffix.lower() == ".pdf":
+            meta["page_starts"], pos = [], 0
+            for number, page in read_pages(path):
+                found = text.find(page, pos)
+                pos = found if found >= 0 else pos
+                meta["page_starts"].append((pos, number))
+        docs.append(Document(page_content=text, metadata=meta))
     return docs
+
+
+def page_of(start: int, page_starts: list[tuple[int, int]]) -> int | None:
+    """The page number of the character at `start`, from (offset, page) pairs in order."""
+    import bisect
+
+    i = bisect.bisect_right([offset for offset, _ in page_starts], start) - 1
+    return page_starts[max(i, 0)][1] if page_starts else None
 
 
 def capped_chunk_size(requested: int, embedder_max_tokens: int | None) -> int:
@@ -113,8 +129,11 @@ def split_document(doc, splitter) -> tuple[list[Any], list[str]]:
     chunks = []
     for offset, block in tqdm(blocks, desc=f"chunking {Path(doc.metadata['source']).name}", unit="block",
                               disable=len(blocks) < 4 or None):
-        for chunk in splitter.split_documents([Document(page_content=block, metadata=doc.metadata)]):
+        meta = {k: v for k, v in doc.metadata.items() if k != "page_starts"}  # Chroma keeps scalars only
+        for chunk in splitter.split_documents([Document(page_content=block, metadata=meta)]):
             chunk.metadata["start_index"] = chunk.metadata.get("start_index", 0) + offset
+            if "page_starts" in doc.metadata:
+                chunk.metadata["page"] = page_of(chunk.metadata["start_index"], doc.metadata["page_starts"])
             chunks.append(chunk)
     for position, chunk in enumerate(chunks):
         chunk.metadata["chunk"] = position
@@ -295,19 +314,3 @@ def sync_index(store, docs: list[Any], splitter, *, reindex: bool = False, show_
         logger.info("indexed %d new chunks in %.1f s (%.0f chunks/s) into collection %s",
                     len(todo), seconds, len(todo) / max(seconds, 1e-9), collection.name)
     return report
-
-
-def scored_retriever(store, k: int, sources: list[str]):
-    """A Runnable query -> top-k chunks of the given files (resolved paths, as in metadata["source"]),
-    each with metadata["score"], the cosine similarity (1 - cosine distance) between question and chunk."""
-    from langchain_core.documents import Document
-    from langchain_core.runnables import RunnableLambda
-
-    where = {"source": sources[0]} if len(sources) == 1 else {"source": {"$in": sources}}
-
-    def retrieve(query: str) -> list[Document]:
-        hits = store.similarity_search_with_score(query, k=k, filter=where)
-        return [Document(page_content=doc.page_content, id=doc.id,
-                         metadata={**doc.metadata, "score": round(1.0 - distance, 4)}) for doc, distance in hits]
-
-    return RunnableLambda(retrieve, name="retriever")

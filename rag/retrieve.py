@@ -34,9 +34,16 @@ BM25_META = "tunerag-bm25.json"
 GET_BATCH = 5000  # ids per chromadb get: its SQLite allows about 32,000 variables per statement
 
 
+def import_bm25s():
+    import bm25s
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets DEBUG on import ("Building index...")
+    return bm25s
+
+
 def bm25_tokens(texts: list[str], stem: bool = True) -> list[list[str]]:
     """Lower-cased word and number tokens, English stopwords removed, Snowball-stemmed when `stem`."""
-    import bm25s
+    bm25s = import_bm25s()
 
     stemmer = None
     if stem:
@@ -90,7 +97,7 @@ def all_chunks(collection, include: list[str]) -> dict[str, Any]:
 
 
 def build_bm25(collection, stem: bool = True) -> Bm25Index:
-    import bm25s
+    bm25s = import_bm25s()
 
     chunks = all_chunks(collection, ["documents", "metadatas"])
     model = bm25s.BM25()
@@ -120,7 +127,7 @@ def save_bm25(index: Bm25Index, folder: Path) -> None:
 
 def load_bm25(folder: Path, expected_ids: list[str], stem: bool) -> tuple[Bm25Index | None, str]:
     """(the stored index, "") when it matches the collection's ids and settings, else (None, why not)."""
-    import bm25s
+    bm25s = import_bm25s()
 
     meta_path = folder / BM25_META
     if not meta_path.is_file():
@@ -143,10 +150,10 @@ def open_bm25(collection, folder: Path, stem: bool = True, changed: bool = False
     """The BM25 index of `collection`, stored in `folder`: loaded when it matches the collection's
     ids, rebuilt (with a note) when it does not or when the caller says the collection `changed`."""
     ids = all_chunks(collection, [])["ids"]
-    index, why = (None, "the collection changed") if changed else load_bm25(folder, ids, stem)
+    index, why = (None, "") if changed else load_bm25(folder, ids, stem)
     if index is not None:
         return index
-    if why != "missing":
+    if why not in ("", "missing"):  # a changed collection (the usual update) or a new index needs no note
         logger.info("note: BM25 index %s: %s; rebuilt", folder, why)
     index = build_bm25(collection, stem)
     try:

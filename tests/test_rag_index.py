@@ -9,6 +9,7 @@ import pytest
 
 from rag import index
 from rag.metrics import recall_at_k
+from rag.retrieve import make_retriever
 from tunerag.models import model_identity
 
 CHUNK, OVERLAP = 254, 50
@@ -119,7 +120,7 @@ def test_files_with_the_same_text_keep_their_own_chunks(tmp_path, minilm, splitt
 
     assert first.embedded == first.chunks == store._collection.count() and len(ids_of(a)) == per_file
     assert not set(ids_of(a)) & set(ids_of(b))
-    hits = index.scored_retriever(store, 3, [str(b.resolve())]).invoke("net interest income")
+    hits = make_retriever(store, None, 3, [str(b.resolve())], mode="dense").invoke("net interest income")
     assert hits and {d.metadata["source"] for d in hits} == {str(b.resolve())}
     kept = ids_of(a)
     b.write_text(text.replace("2025", "2026"))  # editing one copy leaves the other's vectors alone
