@@ -11,6 +11,8 @@ Heavy libraries (torch, transformers, langchain, chromadb) are imported inside f
 
 from __future__ import annotations
 
+import atexit
+import gc
 import json
 import logging
 import queue
@@ -129,17 +131,17 @@ class Answerer:
     """Everything loaded once: the index, the retriever and (unless --retrieve-only) the chain."""
 
     def __init__(self, cfg: RagConfig, t_start: float):
-        from rag import index
+        from rag import index, remote
         from tunerag.models import model_identity
 
         self.cfg = cfg
         self.timings: dict[str, float] = {}
         # The cheap checks (documents, store folder) come before any model loads.
         docs = index.load_documents(cfg.file, cfg.strict)
-        client = index.open_client(cfg.persist_dir)
+        client = index.open_client(cfg.persist_dir, cfg.chroma_url, cfg.chroma_header)
         t = time.perf_counter()
         quiet_libraries()
-        embeddings, resolved = index.load_embeddings(cfg.embeddings)
+        embeddings, resolved = index.load_embeddings(cfg.embeddings, dtype=cfg.dtype)
         self.timings["load_embedder"] = time.perf_counter() - t
         t = time.perf_counter()
         size = index.capped_chunk_size(cfg.chunk_size, index.embedder_max_tokens(embeddings))
@@ -151,12 +153,15 @@ class Answerer:
                                  metadata={"embedder": resolved, "chunk_size": size, "chunk_overlap": overlap},
                                  persist_dir=cfg.persist_dir)
         splitter = index.make_splitter(embeddings._client.tokenizer, size, overlap)
-        with index.store_lock(cfg.persist_dir):  # one writer at a time; queries need no lock
+        # --chroma-url: no store folder here; the lock (writers on this machine) and BM25 go to a local cache.
+        local = remote.cache_folder(cfg.chroma_url) if cfg.chroma_url else Path(cfg.persist_dir)
+        with index.store_lock(local):  # one writer at a time; queries need no lock
             self.report = index.sync_index(store, docs, splitter, reindex=cfg.reindex)
             bm25 = None
             if cfg.retriever != "dense":
                 changed = bool(cfg.reindex or self.report.embedded or self.report.removed)
-                bm25 = open_bm25(store._collection, Path(cfg.persist_dir) / "bm25" / name, changed=changed)
+                bm25 = open_bm25(store._collection, local / name if cfg.chroma_url else local / "bm25" / name,
+                                 changed=changed)
         self.embeddings = embeddings
         self.retriever = make_retriever(store, bm25, cfg.k, sorted({d.metadata["source"] for d in docs}),
                                         mode=cfg.retriever, bm25_weight=cfg.bm25_weight)
@@ -195,8 +200,17 @@ class Answerer:
         from tunerag.models import LLM_INSTEAD, load_llm
 
         cfg = self.cfg
+        if cfg.llm_url is not None:  # an OpenAI-compatible server writes the answers: no LLM loads here
+            from rag.remote import remote_answer_chain
+
+            chain, self.stop = remote_answer_chain(cfg, self.retriever, self.embeddings)
+            return chain
+        from tunerag.models import pick_dtype
+
         try:
-            model, tokenizer = load_llm(cfg.llm, dtype="auto")
+            # from_pretrained's "auto" is the checkpoint's dtype (float32 for SmolLM2); --dtype auto picks
+            # bfloat16 on a CPU with AMX/AVX512-BF16, where it reads the prompt ~3x faster
+            model, tokenizer = load_llm(cfg.llm, dtype=pick_dtype(cfg.dtype) or "auto")
         except (OSError, ValueError, KeyError) as e:
             raise TuneragError(f"LLM {cfg.llm!r} could not be loaded ({first_line(e)}); pass {LLM_INSTEAD}") from None
         if cfg.temperature > 0:
@@ -204,7 +218,8 @@ class Answerer:
 
             set_seed(cfg.seed)
         self.model, self.tokenizer = model, tokenizer
-        llm, self.stop = make_llm(model, tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+        llm, self.stop = make_llm(model, tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                  decode_threads=cfg.decode_threads)
         window = context_window(model, tokenizer)
         if window <= cfg.max_new_tokens + 64:
             raise TuneragError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in this LLM's "
@@ -353,7 +368,16 @@ def main(cfg: RagConfig) -> Any:
         raise TuneragError("the question is empty; pass -q with something to ask about the document")
     if cfg.questions is not None:
         read_questions(cfg.questions)  # a bad questions file fails before any model loads
-    answerer = Answerer(cfg, t_start)
+    # Loading makes millions of long-lived objects (torch, transformers, langchain, pydantic models): with
+    # the cyclic GC off meanwhile, and skipped at exit (the OS frees it all), a one-shot run saves seconds
+    # (scripts/bench_speed.py, part cli). Reference counting still frees everything as usual.
+    atexit.unregister(gc.freeze)  # once per process, however often main runs (tests, the pipeline)
+    atexit.register(gc.freeze)
+    gc.disable()
+    try:
+        answerer = Answerer(cfg, t_start)
+    finally:
+        gc.enable()
     if cfg.question is not None:
         return one_shot(answerer, cfg, t_start)
     if cfg.questions is not None:

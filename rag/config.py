@@ -29,8 +29,9 @@ class RagConfig:
     retriever: Literal["hybrid", "dense", "bm25"] = field(default="hybrid", metadata={
         "help": "hybrid: BM25 and the embedder fused by reciprocal rank; dense: the embedder only (Chroma); "
                 "bm25: lexical only."})
-    bm25_weight: float = field(default=1.0, metadata={
-        "help": "Weight of the BM25 ranking against the embedder's (1.0) in the hybrid fusion."})
+    bm25_weight: float = field(default=2.0, metadata={
+        "help": "Weight of the BM25 ranking against the embedder's (1.0) in the hybrid fusion (2.0: best answer-in-top-4 "
+                "on the tuning halves of both sample corpora, see README)."})
     context: Literal["sentences", "chunks"] = field(default="sentences", metadata={
         "help": "sentences: the LLM reads only the retrieved chunks' sentences that best match the question, up to "
                 "--context-tokens (best for small LLMs); chunks: the whole chunks."})
@@ -47,12 +48,29 @@ class RagConfig:
     reindex: bool = field(default=False, metadata={"help": "Rebuild this collection from scratch."})
     strict: bool = field(default=False, metadata={
         "help": "Stop at a bad file inside a --file folder (default: skip it with a warning that lists it)."})
+    chroma_url: str | None = field(default=None, metadata={
+        "help": "Use the Chroma server at this URL (`chroma run`; behind a TLS proxy that checks a token) instead of "
+                "--persist-dir; the BM25 index is cached in $TUNERAG_HOME/bm25/HOST_PORT.", "metavar": "URL"})
+    chroma_header: list[str] = field(default_factory=list, metadata={
+        "help": "'Name: value' HTTP header sent with every --chroma-url request (repeatable), e.g. the proxy's "
+                "'Authorization: Bearer TOKEN'; a value written $VAR is read from the environment.", "metavar": "HEADER"})
+    llm_url: str | None = field(default=None, metadata={
+        "help": "Stream answers from this OpenAI-compatible server (vLLM, TGI, llama.cpp, Ollama; usually ending in /v1) "
+                "instead of loading --llm here; its key, if any, from $TUNERAG_LLM_API_KEY.", "metavar": "URL"})
+    llm_model: str | None = field(default=None, metadata={
+        "help": "The model name at --llm-url (default: the only one it serves).", "metavar": "NAME"})
     json: bool = field(default=False, metadata={
         "help": 'Print {"query", "result", "citations", "evidence", "source_documents": [{"text", "source", "page", '
                 '"chunk", "score", "found_by"}]}; see the README for each field.'})
     timings: bool = field(default=False, metadata={
         "help": "Print load, index, retrieve, first-token and total seconds to stderr."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling when --temperature > 0."})
+    dtype: Literal["auto", "float32", "bfloat16"] = field(default="auto", metadata={
+        "help": "Weights of the embedder and the LLM: auto is bfloat16 on a CPU with bfloat16 matrix instructions "
+                "(AMX, AVX512-BF16; about 3x faster there) and float32 elsewhere; float32 or bfloat16 forces one."})
+    decode_threads: int = field(default=0, metadata={
+        "help": "CPU threads while the LLM writes the answer (the prompt is always read with all of torch's threads); "
+                "0 keeps torch's count."})
 
     def __post_init__(self):
         self.file = [Path(p) for p in self.file]
@@ -73,3 +91,16 @@ class RagConfig:
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0 (got {self.temperature})")
         self.persist_dir = Path(self.persist_dir)
+        self.check_servers()
+
+    def check_servers(self) -> None:
+        """--chroma-url, --chroma-header, --llm-url, --llm-model (see rag.remote): checked before anything loads."""
+        from rag.remote import check_url, parse_headers
+
+        if self.chroma_header and self.chroma_url is None:
+            raise ValueError("--chroma-header is sent to a --chroma-url server; pass --chroma-url too")
+        if self.llm_model is not None and self.llm_url is None:
+            raise ValueError("--llm-model names a model of the --llm-url server; pass --llm-url too")
+        self.chroma_url = check_url("--chroma-url", self.chroma_url) if self.chroma_url is not None else None
+        self.llm_url = check_url("--llm-url", self.llm_url) if self.llm_url is not None else None
+        parse_headers(self.chroma_header)

@@ -35,6 +35,7 @@ class Unit:
     end: int
     text: str
     score: float = 0.0
+    title: str = ""  # its document's title (rag.index.document_title): the year or filing the unit is from
 
 
 def split_units(text: str) -> list[tuple[int, int]]:
@@ -83,7 +84,7 @@ def score_units(question: str, units: list[Unit], embed: Callable[[list[str]], l
     vectors = embed([question] + [u.text for u in units])
     q = vectors[0]
     q_terms = set(bm25_tokens([question])[0])
-    for unit, vec, terms in zip(units, vectors[1:], bm25_tokens([u.text for u in units])):
+    for unit, vec, terms in zip(units, vectors[1:], bm25_tokens([f"{u.title} {u.text}" for u in units])):
         unit.score = sum(a * b for a, b in zip(q, vec)) + lexical_weight * lexical_overlap(q_terms, terms)
 
 
@@ -93,7 +94,7 @@ def passage_units(docs: list[Any]) -> list[Unit]:
     for i, d in enumerate(docs):
         kept = d.metadata.get("units")
         pieces = kept if kept is not None else [(s, e, d.page_content[s:e]) for s, e in split_units(d.page_content)]
-        units += [Unit(i, s, e, text) for s, e, text in pieces]
+        units += [Unit(i, s, e, text, title=d.metadata.get("title", "")) for s, e, text in pieces]
     return units
 
 

@@ -34,7 +34,8 @@ class RagEvalConfig:
     max_new_tokens: int = field(default=64, metadata={"help": "Longest answer; the expected answers are short figures."})
     gen_questions: int = field(default=66, metadata={"help": "Answer only the first N questions with each LLM (generation is slow on CPU)."})
     retriever: str = field(default="hybrid", metadata={"help": "As rag.cli --retriever."})
-    bm25_weight: float = field(default=1.0, metadata={"help": "As rag.cli --bm25-weight."})
+    bm25_weight: float = field(default=2.0, metadata={"help": "As rag.cli --bm25-weight."})
+    dtype: str = field(default="auto", metadata={"help": "As rag.cli --dtype."})
     context: str = field(default="sentences", metadata={"help": "As rag.cli --context."})
     context_tokens: int = field(default=160, metadata={"help": "As rag.cli --context-tokens."})
     answer: str = field(default="llm", metadata={"help": "As rag.cli --answer."})
@@ -44,7 +45,7 @@ class RagEvalConfig:
         settings = {"file": list(self.file), "question": "-", "k": self.k, "chunk_size": self.chunk_size,
                     "chunk_overlap": self.chunk_overlap, "max_new_tokens": self.max_new_tokens, "seed": self.seed,
                     "retriever": self.retriever, "bm25_weight": self.bm25_weight, "context": self.context,
-                    "context_tokens": self.context_tokens, "answer": self.answer}
+                    "context_tokens": self.context_tokens, "answer": self.answer, "dtype": self.dtype}
         return RagConfig(**(settings | overrides))
 
 

@@ -6,7 +6,8 @@
 - The collection name is derived from the embedder's identity and the chunk settings, so two
   embedders (or two chunkings) never share vectors.
 - The store folder carries a marker file; a folder without it (someone else's files, another tool's
-  Chroma store) is refused rather than written into.
+  Chroma store) is refused rather than written into. On a --chroma-url server there is no folder: the
+  marker is {"tunerag_store": 1} in each collection's metadata, and a collection without it is refused (rag.remote).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def load_documents(paths: list[Path], strict: bool = False) -> list[Any]:
 
     docs = []
     for path, text in read_documents(paths, strict)[0]:
-        meta = {"source": str(path.resolve()), "sha256": text_sha256(text)}
+        meta = {"source": str(path.resolve()), "sha256": text_sha256(text), "title": document_title(path)}
         if path.suffix.lower() == ".pdf":
             meta["page_starts"], pos = [], 0
             for number, page in read_pages(path):
@@ -72,6 +73,19 @@ def load_documents(paths: list[Path], strict: bool = False) -> list[Any]:
                 meta["page_starts"].append((pos, number))
         docs.append(Document(page_content=text, metadata=meta))
     return docs
+
+
+def document_title(path: Path) -> str:
+    """The file name as words ("halvorsen_ridge_2024_annual_report.txt" -> "halvorsen ridge 2024 annual
+    report"): which filing, which year. Three annual reports share most sentences and differ in figures
+    and in this, so it goes into each chunk's vector and BM25 terms (contextual chunk headers)."""
+    return " ".join(re.split(r"[\W_]+", Path(path).stem)).strip()
+
+
+def embed_text(chunk) -> str:
+    """What the embedder reads for a chunk: its document's title line, then the chunk text."""
+    title = chunk.metadata.get("title")
+    return f"{title}\n{chunk.page_content}" if title else chunk.page_content
 
 
 def page_of(start: int, page_starts: list[tuple[int, int]]) -> int | None:
@@ -145,7 +159,9 @@ def split_document(doc, splitter) -> tuple[list[Any], list[str]]:
 
 def collection_name(embedder_spec: str, identity: str, chunk_size: int, chunk_overlap: int) -> str:
     """A Chroma collection name (3-63 chars of [a-zA-Z0-9._-], alphanumeric at both ends)."""
-    digest = hashlib.sha256(f"{identity}|{chunk_size}|{chunk_overlap}".encode()).hexdigest()[:12]
+    # "titled": chunks are embedded with their document's title line (see embed_text); older stores
+    # embedded the bare text, so they get a collection of their own instead of mixed vectors
+    digest = hashlib.sha256(f"{identity}|{chunk_size}|{chunk_overlap}|titled".encode()).hexdigest()[:12]
     slug = re.sub(r"[^a-zA-Z0-9]+", "-", Path(embedder_spec.rstrip("/")).name or "embedder").strip("-")[:24] or "embedder"
     return f"{slug}-c{chunk_size}o{chunk_overlap}-{digest}"
 
@@ -161,8 +177,13 @@ def _write_marker(folder: Path) -> None:
     os.replace(tmp, folder / STORE_MARKER)
 
 
-def open_client(persist_dir: Path):
-    """A chromadb PersistentClient on `persist_dir`, created if missing; refuses foreign folders."""
+def open_client(persist_dir: Path, chroma_url: str | None = None, chroma_headers: list[str] | None = None):
+    """A chromadb PersistentClient on `persist_dir`, created if missing; refuses foreign folders.
+    With `chroma_url`, an HttpClient on that server instead (rag.remote; `persist_dir` is not used)."""
+    if chroma_url is not None:
+        from rag import remote
+
+        return remote.http_client(chroma_url, chroma_headers or [])
     folder = Path(persist_dir)
     if folder.exists() and not folder.is_dir():
         raise StoreError(f"--persist-dir {str(folder)!r} is a file, not a folder; pass a folder for the index")
@@ -219,15 +240,20 @@ def store_advice(folder: Path) -> str:
     return f"its database is damaged (SQLite: {verdict}); delete that folder to rebuild it, or pass another --persist-dir"
 
 
-def load_embeddings(spec: str):
-    """(HuggingFaceEmbeddings over our resolved embedder, normalized so cosine = dot, its resolved path)."""
+def load_embeddings(spec: str, dtype: str = "float32"):
+    """(HuggingFaceEmbeddings over our resolved embedder, normalized so cosine = dot, its resolved path).
+    `dtype`: float32, bfloat16, or auto (bfloat16 where the CPU has bfloat16 matrix instructions; see
+    tunerag.models.pick_dtype). Vectors differ by about 0.002 in cosine, so both share one collection."""
     from langchain_huggingface import HuggingFaceEmbeddings
 
-    from tunerag.models import EMBEDDER_INSTEAD, resolve_embedder
+    from tunerag.models import EMBEDDER_INSTEAD, pick_dtype, resolve_embedder
 
     resolved = resolve_embedder(spec)
+    chosen = pick_dtype(dtype)
+    model_kwargs = {"model_kwargs": {"dtype": chosen}} if chosen not in (None, "float32") else {}
     try:
-        embeddings = HuggingFaceEmbeddings(model_name=resolved, encode_kwargs={"normalize_embeddings": True})
+        embeddings = HuggingFaceEmbeddings(model_name=resolved, model_kwargs=model_kwargs,
+                                           encode_kwargs={"normalize_embeddings": True})
     except (OSError, ValueError, KeyError) as e:
         raise TuneragError(f"embedder {spec!r} could not be loaded ({first_line(e)}); pass {EMBEDDER_INSTEAD}") from None
     return embeddings, resolved
@@ -244,6 +270,19 @@ def open_store(client, name: str, embeddings, metadata: dict[str, Any] | None = 
     """The langchain-chroma store for one collection, cosine distance (scores = 1 - distance)."""
     from langchain_chroma import Chroma
 
+    from rag import remote
+
+    if remote.is_remote(client):  # no folder for the marker file: it goes into the collection's metadata
+        url = client.get_settings().chroma_server_host
+        try:
+            store = Chroma(collection_name=name, embedding_function=embeddings, client=client,
+                           collection_metadata={**(metadata or {}), remote.MARKER_KEY: 1},
+                           collection_configuration={"hnsw": {"space": "cosine"}})
+        except Exception as e:  # chromadb's errors, or httpx's when the server went away
+            raise StoreError(f"collection {name!r} on the Chroma server at {url} cannot be opened ({first_line(e)}); "
+                             "check that the server runs and --chroma-header") from None
+        remote.check_marker(store._collection, url)  # an existing collection keeps its metadata: someone else's has none
+        return store
     try:
         return Chroma(collection_name=name, embedding_function=embeddings, client=client,
                       collection_metadata=metadata or None, collection_configuration={"hnsw": {"space": "cosine"}})
@@ -257,11 +296,17 @@ def writing_into(store):
     """A failed write into the store (a read-only folder, a full disk) as one line naming its folder."""
     import sqlite3
 
+    import httpx
     from chromadb.errors import ChromaError
 
     try:
         yield
-    except (OSError, sqlite3.Error, ChromaError) as e:
+    except (OSError, sqlite3.Error, ChromaError, httpx.HTTPError) as e:  # httpx: a --chroma-url server gone away
+        from rag import remote
+
+        if remote.is_remote(store._client):
+            raise StoreError(f"{remote.where(store._client)} cannot be written ({first_line(e)}); "
+                             "check that it runs, its free space and --chroma-header") from None
         folder = store._client.get_settings().persist_directory
         raise StoreError(f"the index in {str(folder)!r} cannot be written ({first_line(e)}); "
                          "check that folder's permissions and free space, or pass another --persist-dir") from None
@@ -305,8 +350,10 @@ def sync_index(store, docs: list[Any], splitter, *, reindex: bool = False, show_
         with tqdm(total=len(todo), unit="chunk", desc="embedding", disable=None if show_progress is None else not show_progress) as bar:
             for start in range(0, len(todo), EMBED_BATCH):
                 batch = todo[start:start + EMBED_BATCH]
-                with writing_into(store):
-                    store.add_documents([c for c, _ in batch], ids=[i for _, i in batch])
+                vectors = store.embeddings.embed_documents([embed_text(c) for c, _ in batch])
+                with writing_into(store):  # the stored document is the chunk text as is; its vector has the title
+                    collection.add(ids=[i for _, i in batch], embeddings=vectors,
+                                   documents=[c.page_content for c, _ in batch], metadatas=[c.metadata for c, _ in batch])
                 bar.update(len(batch))
     seconds = time.perf_counter() - t0
     report = IndexReport(collection.name, len(docs), total, len(todo), reused, removed, round(seconds, 3))

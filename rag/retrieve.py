@@ -102,7 +102,8 @@ def build_bm25(collection, stem: bool = True) -> Bm25Index:
     chunks = all_chunks(collection, ["documents", "metadatas"])
     model = bm25s.BM25()
     if chunks["ids"]:
-        model.index(bm25_tokens(chunks["documents"], stem), show_progress=False)
+        titled = [f"{(m or {}).get('title', '')} {d}" for d, m in zip(chunks["documents"], chunks["metadatas"])]
+        model.index(bm25_tokens(titled, stem), show_progress=False)
     return Bm25Index(model, chunks["ids"], [m.get("source", "") for m in chunks["metadatas"]], stem)
 
 

@@ -44,13 +44,14 @@ class BenchRagConfig:
         "help": "Which half of each question set: tune (to choose defaults) or heldout (to report)."})
     retrievers: list[str] = field(default_factory=lambda: ["dense", "bm25", "hybrid"], metadata={
         "help": "Retrievers to score for answer-in-top-k (repeat)."})
-    configs: list[str] = field(default_factory=lambda: ["hybrid/sentences", "hybrid/chunks", "dense/chunks",
-                                                        "hybrid/extractive"], metadata={
-        "help": "Answer configurations RETRIEVER/CONTEXT or RETRIEVER/extractive (repeat); dense/chunks is the old path."})
+    configs: list[str] = field(default_factory=lambda: ["hybrid/sentences", "hybrid/sentences@float32", "hybrid/chunks",
+                                                        "dense/chunks@float32", "hybrid/extractive"], metadata={
+        "help": "Answer configurations RETRIEVER/CONTEXT[@DTYPE] or RETRIEVER/extractive (repeat); dense/chunks@float32 "
+                "is the old path, @float32 beside the default (auto: bfloat16 where the CPU has it) checks the fast path."})
     embeddings: str = field(default=MINILM, metadata={"help": "Embedder."})
     llm: str = field(default=SMOLLM2, metadata={"help": "LLM."})
     k: int = field(default=4, metadata={"help": "Passages per question given to the LLM."})
-    bm25_weight: float = field(default=1.0, metadata={"help": "As rag.cli --bm25-weight."})
+    bm25_weight: float = field(default=2.0, metadata={"help": "As rag.cli --bm25-weight."})
     context_tokens: int = field(default=160, metadata={"help": "As rag.cli --context-tokens."})
     max_new_tokens: int = field(default=48, metadata={"help": "Longest answer; the expected answers are short figures."})
     gen_questions: int = field(default=0, metadata={"help": "Answer only the first N questions per corpus (0: all)."})
@@ -79,10 +80,11 @@ def main(cfg: BenchRagConfig) -> dict:
             for retriever in cfg.retrievers:
                 retrieval.append(bench_embedder(replace(base, retriever=retriever), cfg.embeddings, items, store))
             for config in cfg.configs:
+                config, _, dtype = config.partition("@")
                 retriever, _, mode = config.partition("/")
                 run = replace(base, retriever=retriever, answer="extractive" if mode == "extractive" else "llm",
-                              context=mode if mode != "extractive" else "sentences")
-                generation.append(bench_llm(run, cfg.llm, cfg.embeddings, items, store))
+                              context=mode if mode != "extractive" else "sentences", dtype=dtype or "auto")
+                generation.append({**bench_llm(run, cfg.llm, cfg.embeddings, items, store), "dtype": run.dtype})
         results[corpus] = {"questions": len(items), "retrieval": retrieval, "generation": generation}
     result = {"bench": "rag", "config": asdict(cfg), "device": "cuda" if torch.cuda.is_available() else "cpu",
               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -105,7 +107,7 @@ def print_table(results: dict[str, dict]) -> None:
         print(f"{'answer config':<22} {'n':>4} {'answer':>7} {'evidence':>8} {'TTFT med':>9} {'tok/s':>6}", file=err)
         for g in r["generation"]:
             rate = f"{g['tokens_per_s_median']:.1f}" if g["tokens_per_s_median"] else "-"
-            label = f"{g['retriever']}/{g['context'] if g['llm'] != '(extractive)' else 'extractive'}"
+            label = f"{g['retriever']}/{g['context'] if g['llm'] != '(extractive)' else 'extractive'} {g['dtype']}"
             print(f"{label:<22} {g['questions']:>4} {g['answer_match']:>7.3f} {g['evidence_match']:>8.3f} "
                   f"{g['first_token_median_s']:>9.2f} {rate:>6}", file=err)
 

@@ -68,6 +68,10 @@ class PipelineConfig:
         "help": "Longest RAG answer in the evaluation, in tokens (the expected answers are short figures)."})
     force: list[str] = field(default_factory=list, metadata={
         "help": f"Redo this step even if it is complete (repeatable): {', '.join(STEPS)}, or 'all'."})
+    chroma_url: str | None = field(default=None, metadata={
+        "help": "RAG evaluation: index into the Chroma server at this URL (as rag.cli --chroma-url).", "metavar": "URL"})
+    chroma_header: list[str] = field(default_factory=list, metadata={
+        "help": "'Name: value' header for --chroma-url (repeatable; as rag.cli).", "metavar": "HEADER"})
 
     def forced(self, step: str) -> bool:
         return step in self.force or "all" in self.force
@@ -79,6 +83,11 @@ class PipelineConfig:
             raise ValueError(f"--force {sorted(bad)}: not a step; steps are {', '.join(STEPS)}")
         if min(self.llm_max_steps, self.emb_epochs, self.max_chunks, self.rag_questions) < 0 or self.k < 1:
             raise ValueError("--llm-max-steps, --emb-epochs, --max-chunks and --rag-questions must be >= 0, --k >= 1")
+        if self.chroma_url is not None or self.chroma_header:  # checked now, not after an hour of training
+            from rag.config import RagConfig
+
+            self.chroma_url = RagConfig(file=self.docs, chroma_url=self.chroma_url,
+                                        chroma_header=self.chroma_header).chroma_url
 
 
 # --- the run manifest --------------------------------------------------------------------------
@@ -335,6 +344,10 @@ def rag_evaluation(cfg: PipelineConfig, out: Path) -> dict:
     n_gen = cfg.rag_questions or len(items)
     bench = RagEvalConfig(file=cfg.docs, qa=cfg.questions, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
                            gen_questions=n_gen)
+    if cfg.chroma_url is not None:  # every rag.cli config of the evaluation uses the server
+        plain = bench.rag_config
+        bench.rag_config = lambda **overrides: plain(**({"chroma_url": cfg.chroma_url,
+                                                         "chroma_header": cfg.chroma_header} | overrides))
     # a new folder each time: chromadb keeps clients per path, so a deleted and re-created path is stale in-process;
     # named after this process, so the next run removes what a killed one left
     store = temp_folder(out / "rag_eval_db")

@@ -1,0 +1,92 @@
+"""Both CPU paths, the old (float32, torch's threads throughout) and the fast one (bfloat16 where the CPU
+has bfloat16 matrix instructions, one decode thread for a small LLM), give the same answers on tiny
+models. No timings here: the speed figures come from scripts/bench_speed.py."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from tunerag import models
+from tunerag.common import TuneragError
+
+
+def test_pick_dtype_follows_the_cpu_and_the_flag(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "cpu_bf16_flags", lambda: set())
+    assert models.pick_dtype("auto") == "float32"  # no AMX/AVX512-BF16: today's path, emulated bf16 is slower
+    monkeypatch.setattr(models, "cpu_bf16_flags", lambda: {"amx_bf16"})
+    assert models.pick_dtype("auto") == "bfloat16"
+    assert models.pick_dtype("float32") == "float32" and models.pick_dtype("bfloat16") == "bfloat16"
+    with pytest.raises(TuneragError, match="--dtype 'float16' is not one of"):
+        models.pick_dtype("float16")
+
+
+def test_cpu_flags_are_read():
+    assert models.cpu_bf16_flags() <= {"amx_bf16", "avx512_bf16"}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_embedder_dtype_paths_agree(tiny_bert, dtype):
+    from rag import index
+
+    reference = models.load_embedder(str(tiny_bert))
+    model = models.load_embedder(str(tiny_bert), dtype=dtype)
+    assert model[0].auto_model.dtype == getattr(torch, dtype)
+    texts = ["Net interest income rose 8.8% to $2.94 billion.", "The CET1 ratio was 11.4% at year end."]
+    a = reference.encode(texts, normalize_embeddings=True, convert_to_tensor=True)
+    b = model.encode(texts, normalize_embeddings=True, convert_to_tensor=True).float()
+    assert (a * b).sum(1).min() > 0.99
+
+    embeddings, _ = index.load_embeddings(str(tiny_bert), dtype=dtype)
+    assert embeddings._client[0].auto_model.dtype == getattr(torch, dtype)
+    assert len(embeddings.embed_query("revenue growth")) == 16
+
+
+def greedy(llm, prompt: str) -> str:
+    return "".join(llm.stream(prompt))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_threads_give_the_same_greedy_answer_and_restore_threads(tiny_mistral, dtype, monkeypatch):
+    from rag.chain import make_llm
+
+    model, tokenizer = models.load_llm(str(tiny_mistral), dtype=dtype)
+    assert model.dtype == getattr(torch, dtype)
+    threads = torch.get_num_threads()
+    old, _ = make_llm(model, tokenizer, max_new_tokens=12)
+    new, _ = make_llm(model, tokenizer, max_new_tokens=12, decode_threads=1)
+    calls = []
+    set_num_threads = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), set_num_threads(n))[1])
+    prompt = "<s>[INST] What was the CET1 ratio? [/INST]"
+    expected = greedy(old, prompt)
+    assert 1 not in calls or threads == 1
+    assert greedy(new, prompt) == expected
+    assert new.invoke(prompt) == old.invoke(prompt)
+    assert threads == 1 or 1 in calls  # the switch happened, after the prompt was read
+    assert calls[-1] == threads and torch.get_num_threads() == threads  # and was undone
+
+
+def test_rag_cli_runs_both_paths(tmp_path, sample_doc, tiny_mistral):
+    from rag.cli import main
+    from rag.config import RagConfig
+
+    answers = {}
+    for dtype, threads in (("float32", 0), ("auto", 1)):
+        out = main(RagConfig(file=[sample_doc], question="What was total revenue in 2025?", llm=str(tiny_mistral),
+                             persist_dir=tmp_path / "db", max_new_tokens=6, dtype=dtype, decode_threads=threads,
+                             json=True))
+        answers[dtype] = out
+    assert answers["auto"]["source_documents"] and answers["float32"]["source_documents"]
+    if models.pick_dtype("auto") == "float32":  # no bfloat16 hardware: the same path exactly
+        assert answers["auto"]["result"] == answers["float32"]["result"]
+
+
+def test_bench_speed_help():
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_speed.py"), "--help"], capture_output=True,
+                         text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "--parts" in run.stdout and "--new-dtype" in run.stdout
