@@ -42,7 +42,29 @@ def user_message(passages: list[Any], question: str) -> str:
     return f"Question: {question}\n\nPassages:\n{context}\n\nQuestion: {question}\n{ANSWER_STYLE}"
 
 
-def render_prompt(tokenizer, passages: list[Any], question: str) -> str:
+FOLLOWUP_START = ("and ", "what about", "how about", "what of", "also", "then", "same ", "its ", "it ", "they ",
+                  "their ", "that ", "those ", "there ", "this ")
+
+
+def is_followup(question: str) -> bool:
+    """A question that leans on the one before: short, or opening like "And ...", "What about ...", "Its ..."."""
+    q = question.strip().lower()
+    return len(q.split()) <= 6 or q.startswith(FOLLOWUP_START)
+
+
+def retrieval_query(question: str, history: list[tuple[str, str]]) -> str:
+    """What the retriever searches for: a follow-up question joined to the question before it ("And in
+    2024?" after "What was the CET1 ratio in 2025?"); any other question as it is."""
+    if history and is_followup(question):
+        return f"{history[-1][0]} {question}"
+    return question
+
+
+def history_messages(history: list[tuple[str, str]]) -> list[dict[str, str]]:
+    return [m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+
+
+def render_prompt(tokenizer, passages: list[Any], question: str, history: list[tuple[str, str]] = ()) -> str:
     """The prompt text through the LLM's own chat template (the one llm_finetune trained with).
 
     A template without a system role (Mistral-7B-Instruct v0.1 raises on one) gets the instructions
@@ -52,11 +74,16 @@ def render_prompt(tokenizer, passages: list[Any], question: str) -> str:
         return f"{default_prefix(tokenizer)}{INSTRUCTIONS}\n\n{user}\nAnswer:"
     from jinja2.exceptions import TemplateError
 
+    turns = history_messages(list(history))
     try:
         return tokenizer.apply_chat_template(
-            [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": user}],
+            [{"role": "system", "content": INSTRUCTIONS}, *turns, {"role": "user", "content": user}],
             tokenize=False, add_generation_prompt=True)
     except TemplateError:
+        if turns:  # no system role: the instructions open the first user turn
+            turns[0] = {"role": "user", "content": f"{INSTRUCTIONS}\n\n{turns[0]['content']}"}
+            return tokenizer.apply_chat_template([*turns, {"role": "user", "content": user}], tokenize=False,
+                                                 add_generation_prompt=True)
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": f"{INSTRUCTIONS}\n\n{user}"}], tokenize=False, add_generation_prompt=True)
 
@@ -75,11 +102,16 @@ def count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def fit_prompt(tokenizer, passages: list[Any], question: str, max_prompt_tokens: int) -> tuple[str, list[Any]]:
-    """(prompt, the passages in it): as many of the best-ranked passages as fit in `max_prompt_tokens`."""
+def fit_prompt(tokenizer, passages: list[Any], question: str, max_prompt_tokens: int,
+               history: list[tuple[str, str]] = ()) -> tuple[str, list[Any]]:
+    """(prompt, the passages in it): as many of the best-ranked passages as fit in `max_prompt_tokens`,
+    with the conversation so far before them while there is room for it (passages come first)."""
     for n in range(len(passages), -1, -1):
-        prompt = render_prompt(tokenizer, passages[:n], question)
-        size = count_tokens(tokenizer, prompt)
+        for turns in ([list(history), []] if history else [[]]):
+            prompt = render_prompt(tokenizer, passages[:n], question, turns)
+            size = count_tokens(tokenizer, prompt)
+            if size <= max_prompt_tokens:
+                break
         if size <= max_prompt_tokens:
             if n < len(passages):
                 logger.info("note: %d of %d passages dropped to fit the LLM's context (%d prompt tokens at most)",
@@ -97,11 +129,14 @@ def build_prompt_step(retriever, tokenizer, max_prompt_tokens: int, select=None)
     def fit(inputs: dict) -> dict:
         docs = inputs["source_documents"]
         if select is not None:
-            docs = select(inputs["query"], docs)
-        prompt, kept = fit_prompt(tokenizer, docs, inputs["query"], max_prompt_tokens)
+            docs = select(inputs.get("retrieval_query") or inputs["query"], docs)
+        prompt, kept = fit_prompt(tokenizer, docs, inputs["query"], max_prompt_tokens, inputs.get("history") or [])
         return {"query": inputs["query"], "prompt": prompt, "source_documents": kept}
 
-    return RunnablePassthrough.assign(source_documents=itemgetter("query") | retriever) | RunnableLambda(fit, name="fit_prompt")
+    def search(inputs: dict) -> str:  # a follow-up is searched for with the question before it
+        return inputs.get("retrieval_query") or inputs["query"]
+
+    return RunnablePassthrough.assign(source_documents=RunnableLambda(search) | retriever) | RunnableLambda(fit, name="fit_prompt")
 
 
 def build_chain(retriever, llm, tokenizer, max_prompt_tokens: int = 2048, select=None):

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from rag.chain import retrieval_query
 from rag.config import RagConfig
 from rag.context import best_unit, citations, evidence_passages, evidence_record, support
 from rag.retrieve import make_retriever, open_bm25
@@ -30,7 +31,9 @@ logger = logging.getLogger(__name__)
 
 # langchain's HuggingFacePipeline.stream waits this long for each token (fixed in the library).
 STREAM_TOKEN_TIMEOUT_S = 60
-HELP = "/sources shows the passages behind the last answer; /quit or Ctrl-D leaves; Ctrl-C stops an answer."
+HELP = ("/sources shows the passages behind the last answer; /new starts a new conversation; /quit or Ctrl-D "
+        "leaves; Ctrl-C stops an answer.")
+HISTORY_TURNS = 3  # earlier (question, answer) pairs a follow-up is read with
 
 
 def quiet_libraries() -> None:
@@ -87,7 +90,8 @@ def format_evidence(evidence: dict | None) -> str:
             f"characters {evidence['start']}-{evidence['end']}): {evidence['text']}")
 
 
-def ask(chain, question: str, out: dict, on_token: Callable[[str], None] | None = None, stop=None) -> dict:
+def ask(chain, question: str, out: dict, on_token: Callable[[str], None] | None = None, stop=None,
+        history: list[tuple[str, str]] = ()) -> dict:
     """Stream one answer into `out` ({"query", "result", "source_documents"}) and return the seconds
     to retrieval and to the first token. `out` is filled as it goes, so an answer stopped with
     Ctrl-C still has its passages. `stop` is the LLM's StopFlag (rag.chain.make_llm), if there is one."""
@@ -97,7 +101,8 @@ def ask(chain, question: str, out: dict, on_token: Callable[[str], None] | None 
     t0 = time.perf_counter()
     marks: dict[str, float] = {}
     out.update(query=question, result="", source_documents=[])
-    stream = chain.stream({"query": question})
+    stream = chain.stream({"query": question, "retrieval_query": retrieval_query(question, list(history)),
+                           "history": list(history)})
     finished = False
     try:
         for chunk in stream:
@@ -181,14 +186,15 @@ class Answerer:
     def retrieval_chain(self):
         from langchain_core.runnables import RunnablePassthrough
 
-        return RunnablePassthrough.assign(source_documents=lambda x: self.retriever.invoke(x["query"]))
+        return RunnablePassthrough.assign(
+            source_documents=lambda x: self.retriever.invoke(x.get("retrieval_query") or x["query"]))
 
     def extractive_chain(self):
         """{"query"} -> the best-matching sentence of the retrieved passages as the answer (no LLM)."""
         from langchain_core.runnables import RunnableLambda
 
         def answer(inputs: dict) -> dict:
-            docs = self.retriever.invoke(inputs["query"])
+            docs = self.retriever.invoke(inputs.get("retrieval_query") or inputs["query"])
             unit = best_unit(inputs["query"], docs, self.embeddings.embed_documents)
             return {"query": inputs["query"], "source_documents": docs, "result": unit.text if unit else "",
                     "unit": unit}
@@ -231,10 +237,12 @@ class Answerer:
                                          lambda text: count_tokens(tokenizer, text), cfg.context_tokens)
         return build_chain(self.retriever, llm, tokenizer, max_prompt_tokens=window - cfg.max_new_tokens, select=select)
 
-    def ask(self, question: str, out: dict, on_token: Callable[[str], None] | None = None) -> dict:
+    def ask(self, question: str, out: dict, on_token: Callable[[str], None] | None = None,
+            history: list[tuple[str, str]] = ()) -> dict:
+        """Answer `question` into `out`; `history` is the conversation so far as (question, answer) pairs."""
         if not question.strip():
             raise TuneragError("the question is empty; ask something about the document")
-        marks = ask(self.chain, question.strip(), out, on_token, self.stop)
+        marks = ask(self.chain, question.strip(), out, on_token, self.stop, history)
         if self.cfg.retrieve_only:
             out["result"] = None
             return marks
@@ -325,6 +333,7 @@ def session(answerer: Answerer, cfg: RagConfig) -> None:
     save_history = setup_readline()
     print(f"Ask about {', '.join(answerer.files)} ({answerer.report.chunks} chunks). {HELP}", flush=True)
     last: dict = {"source_documents": []}
+    history: list[tuple[str, str]] = []  # follow-ups ("And in 2024?") are read with the questions before them
     try:
         while True:
             try:
@@ -346,9 +355,15 @@ def session(answerer: Answerer, cfg: RagConfig) -> None:
             if question.startswith("/"):
                 print(f"unknown command {question!r}. {HELP}", flush=True)
                 continue
+            if question == "/new":
+                history.clear()
+                print("new conversation: the next question is read on its own", flush=True)
+                continue
             out: dict = {}
             try:
-                answerer.ask(question, out, on_token=lambda s: print(s, end="", flush=True))
+                answerer.ask(question, out, on_token=lambda s: print(s, end="", flush=True), history=history)
+                if out.get("result"):
+                    history[:] = [*history, (question, out["result"])][-HISTORY_TURNS:]
                 print(format_sources(out["source_documents"]) if cfg.retrieve_only else "", flush=True)
             except KeyboardInterrupt:  # Answerer.ask has told the generation to stop
                 print(" [stopped]", flush=True)

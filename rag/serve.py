@@ -23,6 +23,7 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -38,6 +39,7 @@ from typing import Annotated, Any
 from unittest import mock
 from urllib.parse import urlsplit
 
+from rag.cli import HISTORY_TURNS
 from rag.config import RagConfig
 from tunerag.common import TuneragError, first_line, run_cli, tunerag_home
 
@@ -236,7 +238,7 @@ class Server:
             await asyncio.wait({job}, timeout=POLL_S)
         self.tickets.remove(ticket)
 
-    def ask_work(self, question: str):
+    def ask_work(self, question: str, history: list[tuple[str, str]] = ()):
         """The worker's job for one question: emits sources once, then each token; returns the --json shape."""
         from rag.cli import to_json
 
@@ -251,7 +253,7 @@ class Server:
                 tokens += 1
                 emit("token", {"text": text})
 
-            answerer.ask(question, out, on_token=on_token)
+            answerer.ask(question, out, on_token=on_token, history=history)
             if not tokens:
                 emit("sources", to_json(out))
             stopped = answerer.stop is not None and answerer.stop.event.is_set()
@@ -363,8 +365,15 @@ def build_app(cfg: ServeConfig):
             raise HTTPException(400, "the question is empty; ask something about the documents")
         return question.strip()
 
+    class Turn(BaseModel):
+        question: str
+        answer: str
+
     class Ask(BaseModel):
         question: str
+        # the conversation so far, oldest first: a follow-up ("And in 2024?") is searched for with the
+        # question before it, and the turns go into the prompt while the context window has room
+        history: list[Turn] = []
 
     @app.get("/", include_in_schema=False)
     async def index_page():
@@ -377,8 +386,9 @@ def build_app(cfg: ServeConfig):
         """Answer one question: {"query", "result", "source_documents": [{"text", "source", "chunk", "score"}]},
         the --json shape of rag.cli (with whatever that shape adds, such as evidence and citations)."""
         question = nonempty(body.question)
+        history = [(turn.question, turn.answer) for turn in body.history][-HISTORY_TURNS:]
         result = None
-        async for kind, data in server.run(request, server.ask_work(question), stoppable=True):
+        async for kind, data in server.run(request, server.ask_work(question, history), stoppable=True):
             if kind == "done":
                 result = data
         if result is None:
@@ -386,12 +396,17 @@ def build_app(cfg: ServeConfig):
         return result
 
     @api.get("/ask/stream", response_class=EventSourceResponse)
-    async def ask_stream(request: Request, question: Annotated[str, Depends(nonempty)]):
+    async def ask_stream(request: Request, question: Annotated[str, Depends(nonempty)], history: str = "[]"):
         """Server-sent events: `queued` {"ahead": N} (first, and as the line moves), `sources` (the --json
         shape, before the first token), `token` {"text"} each, then `done` (the --json shape) or
-        `error` {"detail"}. Disconnecting stops the answer."""
+        `error` {"detail"}. Disconnecting stops the answer. `history`: the conversation so far as JSON,
+        [{"question", "answer"}, ...] oldest first, as in POST /api/ask."""
         try:
-            async for kind, data in server.run(request, server.ask_work(question), stoppable=True):
+            turns = [(str(turn["question"]), str(turn["answer"])) for turn in json.loads(history)][-HISTORY_TURNS:]
+        except (ValueError, TypeError, KeyError):
+            raise HTTPException(400, 'history must be JSON: [{"question": "...", "answer": "..."}, ...]') from None
+        try:
+            async for kind, data in server.run(request, server.ask_work(question, turns), stoppable=True):
                 yield ServerSentEvent(event=kind, data=data)
         except TuneragError as e:
             yield ServerSentEvent(event="error", data={"detail": str(e)})

@@ -56,6 +56,31 @@ class BenchRagConfig:
     max_new_tokens: int = field(default=48, metadata={"help": "Longest answer; the expected answers are short figures."})
     gen_questions: int = field(default=0, metadata={"help": "Answer only the first N questions per corpus (0: all)."})
     seed: int = field(default=0, metadata={"help": "Seed (decoding is greedy)."})
+    followups: bool = field(default=False, metadata={
+        "help": "Only measure follow-up questions (tunerag/data/finance_followups.json, --split half): answer-in-top-4 "
+                "of the follow-up searched alone, with the conversation (rag.chain.retrieval_query), and as the "
+                "written-out standalone question."})
+
+
+def bench_followups(cfg: BenchRagConfig) -> dict:
+    from rag.chain import retrieval_query
+    from rag.cli import Answerer
+    from rag.metrics import recall_at_k
+    from tunerag.samples import sample_path
+
+    items = [it for it in json.loads(sample_path("finance_followups.json").read_text(encoding="utf-8"))
+             if cfg.split == "all" or it["split"] == cfg.split]
+    with tempfile.TemporaryDirectory(prefix="bench_followups-") as tmp:
+        run = RagEvalConfig(file=corpus_files("sample"), k=cfg.k, bm25_weight=cfg.bm25_weight)
+        answerer = Answerer(run.rag_config(embeddings=cfg.embeddings, persist_dir=Path(tmp), retrieve_only=True), 0.0)
+        queries = {"without history": [it["followup"] for it in items],
+                   "with history": [retrieval_query(it["followup"], [(it["first"], "")]) for it in items],
+                   "standalone (written out)": [it["standalone"] for it in items]}
+        scores = {name: round(recall_at_k([[d.page_content for d in answerer.retriever.invoke(q)] for q in qs], items), 4)
+                  for name, qs in queries.items()}
+    print(f"\nfollow-ups ({len(items)}, {cfg.split}): answer-in-top-{cfg.k} " +
+          ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), file=sys.stderr)
+    return {"questions": len(items), f"recall@{cfg.k}": scores}
 
 
 def main(cfg: BenchRagConfig) -> dict:
@@ -68,6 +93,10 @@ def main(cfg: BenchRagConfig) -> dict:
     set_seed(cfg.seed)
     quiet_libraries()
     logger.info("config: %s", asdict(cfg))
+    if cfg.followups:
+        result = {"bench": "rag_followups", "config": asdict(cfg), "metrics": bench_followups(cfg)}
+        print(json.dumps(result))
+        return result
     results: dict[str, dict] = {}
     for corpus in cfg.corpus:
         items = corpus_questions(corpus, cfg.split)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import copy
 
 import pytest
@@ -172,3 +173,36 @@ def test_a_plain_prompt_carries_the_bos_the_tokenizer_would_add(mistral_tokenize
     prompt = render_prompt(plain, docs(PASSAGES[0]), "CET1?")
     assert prompt.startswith(f"<s>{INSTRUCTIONS}")
     assert plain(prompt, add_special_tokens=False)["input_ids"].count(plain.bos_token_id) == 1
+
+
+# ---- follow-up questions ----
+
+def test_a_followup_is_searched_for_with_the_question_before_it():
+    from rag.chain import retrieval_query
+
+    history = [("What was the CET1 ratio in 2025?", "11.4%")]
+    assert retrieval_query("And in 2024?", history) == "What was the CET1 ratio in 2025? And in 2024?"
+    standalone = "What was the loan-to-deposit ratio at the end of 2025?"
+    assert retrieval_query(standalone, history) == standalone
+    assert retrieval_query("And in 2024?", []) == "And in 2024?"
+
+
+def test_history_goes_into_the_prompt_while_there_is_room(chatml_tokenizer):
+    history = [("What was the CET1 ratio in 2025?", "The CET1 ratio was 11.4% [1].")]
+    prompt, kept = fit_prompt(chatml_tokenizer, docs(PASSAGES[0]), "And in 2024?", 4096, history)
+    assert "<|im_start|>user\nWhat was the CET1 ratio in 2025?<|im_end|>" in prompt
+    assert "<|im_start|>assistant\nThe CET1 ratio was 11.4% [1].<|im_end|>" in prompt and len(kept) == 1
+    without = render_prompt(chatml_tokenizer, docs(PASSAGES[0]), "And in 2024?")
+    tight = count_tokens(chatml_tokenizer, without)  # room for the passage, not for the history too
+    prompt, kept = fit_prompt(chatml_tokenizer, docs(PASSAGES[0]), "And in 2024?", tight, history)
+    assert prompt == without and len(kept) == 1
+
+
+def test_followup_set_answers_are_in_the_report(sample_doc):
+    from tunerag.samples import sample_path
+
+    items = json.loads(sample_path("finance_followups.json").read_text())
+    text = sample_doc.read_text(encoding="utf-8")
+    assert len(items) >= 20
+    for it in items:
+        assert it["answer"] in it["passage"] and it["passage"] in text and it["split"] in {"tune", "heldout"}
