@@ -140,6 +140,8 @@ def split_document(doc, splitter) -> tuple[list[Any], list[str]]:
     from tqdm.auto import tqdm
 
     blocks = text_blocks(doc.page_content)
+    if len(blocks) >= 4:  # a big file: say what the next minutes are spent on, even without a progress bar
+        logger.info("chunking %s (%.0f MB)...", Path(doc.metadata["source"]).name, len(doc.page_content) / 2**20)
     chunks = []
     for offset, block in tqdm(blocks, desc=f"chunking {Path(doc.metadata['source']).name}", unit="block",
                               disable=len(blocks) < 4 or None):
