@@ -171,8 +171,7 @@ def chat_messages(passages: list[Any], question: str) -> list:
 def build_remote_chain(retriever, chat, stop, url: str, select: Callable | None = None):
     """rag.chain.build_chain's shape ({"query"} -> {"query", "result", "source_documents"}, streamed) with
     the answer from an OpenAI-compatible server. The server checks the prompt's length itself (one line
-    when it is over); `stop.event` (a rag.chain.StopFlag) ends the stream at the next token."""
-    from langchain_core.output_parsers import StrOutputParser
+    when it is over); `stop.event` (a rag.chain.StopFlag) ends the answer at the next token."""
     from langchain_core.runnables import RunnableGenerator, RunnableLambda, RunnablePassthrough
     from openai import APIError
 
@@ -182,17 +181,22 @@ def build_remote_chain(retriever, chat, stop, url: str, select: Callable | None 
             docs = select(inputs["query"], docs)
         return {"query": inputs["query"], "messages": chat_messages(docs, inputs["query"]), "source_documents": docs}
 
-    def until_stopped(tokens):
-        try:
-            for token in tokens:
-                if stop.event.is_set():  # Ctrl-C, or the web client left: closing the stream ends the request there
-                    return
-                yield token
-        except APIError as e:
-            raise TuneragError(f"the LLM server at {url} failed ({first_line(e)})") from None
+    def answer(messages_stream):
+        for messages in messages_stream:  # one item: the prompt's messages
+            tokens = chat.stream(messages)
+            try:
+                for chunk in tokens:
+                    if stop.event.is_set():  # Ctrl-C, or the web client left
+                        return
+                    yield chunk.text
+            except APIError as e:
+                raise TuneragError(f"the LLM server at {url} failed ({first_line(e)})") from None
+            finally:
+                # Closes the HTTP response now, so the server ends the request (a stream that is only left
+                # behind stays open and the server generates on to --max-new-tokens).
+                tokens.close()
 
-    generate = RunnablePassthrough.assign(
-        result=itemgetter("messages") | chat | StrOutputParser() | RunnableGenerator(until_stopped, name="until_stopped"))
+    generate = RunnablePassthrough.assign(result=itemgetter("messages") | RunnableGenerator(answer, name="remote_llm"))
     retrieve = RunnablePassthrough.assign(source_documents=itemgetter("query") | retriever)
     return (retrieve | RunnableLambda(prompt, name="chat_prompt") | generate).pick(["query", "result", "source_documents"])
 

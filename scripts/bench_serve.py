@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -118,6 +119,7 @@ def load() -> list[float]:
 # ---- 1. retrieval: --chroma-url against the local folder ----
 
 def bench_retrieval(cfg: BenchServeConfig, questions: list[str], tmp: Path, models: dict) -> dict:
+    from rag import remote
     from rag.cli import Answerer
     from rag.config import RagConfig
     from rag.serve import reusing_models
@@ -152,6 +154,7 @@ def bench_retrieval(cfg: BenchServeConfig, questions: list[str], tmp: Path, mode
         return rows
     finally:
         stop(proc)
+        shutil.rmtree(remote.cache_folder(url), ignore_errors=True)  # this server's BM25 cache: it is gone
 
 
 # ---- 2. time to first token: rag.cli against the page of rag.serve ----
