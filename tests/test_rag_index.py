@@ -174,7 +174,7 @@ def test_retrieval_is_limited_to_the_files_asked_about(tmp_path, minilm, splitte
     store = open_minilm_store(tmp_path / "db", minilm)
     docs = index.load_documents([report, other])
     index.sync_index(store, docs, splitter)
-    only_other = index.scored_retriever(store, 3, [docs[1].metadata["source"]])
+    only_other = make_retriever(store, None, 3, [docs[1].metadata["source"]], mode="dense")
     hits = only_other.invoke("What was the CET1 ratio?")
     assert [d.page_content for d in hits] == [other.read_text()]
     assert -1.0 <= hits[0].metadata["score"] <= 1.0
@@ -189,7 +189,7 @@ def test_recall_at_4_on_the_sample_questions(sample_store, sample_qa, minilm, mo
     vectors = dict(zip(questions, embeddings.embed_documents(questions)))
     single = type(embeddings).embed_query
     monkeypatch.setattr(type(embeddings), "embed_query", lambda self, text: vectors.get(text) or single(self, text))
-    retriever = index.scored_retriever(store, 4, [docs[0].metadata["source"]])
+    retriever = make_retriever(store, None, 4, [docs[0].metadata["source"]], mode="dense")
     hits = [retriever.invoke(item["question"]) for item in items]
     scores = [d.metadata["score"] for d in hits[0]]
     assert scores == sorted(scores, reverse=True)

@@ -289,9 +289,16 @@ def test_a_stopped_answer_ends_at_the_next_token(llm_url, indexed, models, sampl
         if len(tokens) == 3:
             asker.stop.event.set()  # what Ctrl-C and a web client that leaves do
 
-    out: dict = {}
+    def generated() -> float:  # vLLM's own count of the tokens it generated
+        metrics = httpx.get(llm_url.removesuffix("/v1") + "/metrics", timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                   if line.startswith("vllm:generation_tokens_total"))
+
+    before, out = generated(), {}
     asker.ask("Describe every segment of the report in detail.", out, on_token=stop_after_three)
     assert len(tokens) == 3 and out["result"] == "".join(tokens).strip()
+    time.sleep(1)
+    assert generated() - before < 20  # the request ended on the server too, not at --max-new-tokens 200
     again: dict = {}
     asker.ask(QUESTIONS[0], again)  # the next answer runs in full again
     assert len(again["result"]) > len(out["result"])
