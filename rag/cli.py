@@ -266,8 +266,6 @@ def one_shot(answerer: Answerer, cfg: RagConfig, t_start: float) -> dict:
     elif cfg.retrieve_only:
         print(format_sources(out["source_documents"]))
     else:
-        if cfg.answer == "extractive":
-            print(out["result"], end="")
         print()
         print(format_evidence(out.get("evidence")))
         print("\nSources:\n" + format_sources(out["source_documents"]))
