@@ -395,16 +395,19 @@ def build_app(cfg: ServeConfig):
             raise HTTPException(499, "the client left before the answer")
         return result
 
+    def parse_history(history: str = "[]") -> list[tuple[str, str]]:  # checked before the stream starts
+        try:
+            return [(str(turn["question"]), str(turn["answer"])) for turn in json.loads(history)][-HISTORY_TURNS:]
+        except (ValueError, TypeError, KeyError):
+            raise HTTPException(400, 'history must be JSON: [{"question": "...", "answer": "..."}, ...]') from None
+
     @api.get("/ask/stream", response_class=EventSourceResponse)
-    async def ask_stream(request: Request, question: Annotated[str, Depends(nonempty)], history: str = "[]"):
+    async def ask_stream(request: Request, question: Annotated[str, Depends(nonempty)],
+                         turns: Annotated[list, Depends(parse_history)]):
         """Server-sent events: `queued` {"ahead": N} (first, and as the line moves), `sources` (the --json
         shape, before the first token), `token` {"text"} each, then `done` (the --json shape) or
         `error` {"detail"}. Disconnecting stops the answer. `history`: the conversation so far as JSON,
         [{"question", "answer"}, ...] oldest first, as in POST /api/ask."""
-        try:
-            turns = [(str(turn["question"]), str(turn["answer"])) for turn in json.loads(history)][-HISTORY_TURNS:]
-        except (ValueError, TypeError, KeyError):
-            raise HTTPException(400, 'history must be JSON: [{"question": "...", "answer": "..."}, ...]') from None
         try:
             async for kind, data in server.run(request, server.ask_work(question, turns), stoppable=True):
                 yield ServerSentEvent(event=kind, data=data)

@@ -274,3 +274,16 @@ def test_a_second_client_is_told_how_many_are_ahead(live, server):
     for name in ("first", "second"):
         assert results[name][-1][0] == "done"
     assert results["first"][-1][1]["result"] == results["second"][-1][1]["result"]  # greedy: the same answer
+
+
+def test_a_followup_is_answered_with_the_conversation(client):
+    """history: the follow-up is searched for with the question before it (rag.chain.retrieval_query)."""
+    first = "How many branch locations did the consumer bank operate when 2025 ended?"
+    alone = client.post("/api/ask", json={"question": "And the mobile logins growth?"})
+    with_history = client.post("/api/ask", json={"question": "And the mobile logins growth?",
+                                                 "history": [{"question": first, "answer": "588"}]})
+    assert alone.status_code == with_history.status_code == 200
+    texts = " ".join(d["text"] for d in with_history.json()["source_documents"])
+    assert "588 locations" in texts or "Mobile logins grew 19%" in texts
+    bad = client.get("/api/ask/stream", params={"question": "And in 2024?", "history": "{not json"})
+    assert bad.status_code == 400 and "history must be JSON" in bad.json()["detail"]
