@@ -17,12 +17,12 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tunerag.common import first_line
+from rag.index import ID_BATCH
+from tunerag.common import first_line, replace_folder, temp_folder
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 TOKEN_PATTERN = r"(?u)\d+(?:[.,]\d+)*|\w+"
 RRF_K = 60  # the constant of Cormack et al. (2009); ranks, not scores, are fused
 BM25_META = "tunerag-bm25.json"
-GET_BATCH = 5000  # ids per chromadb get: its SQLite allows about 32,000 variables per statement
 
 
 def import_bm25s():
@@ -88,12 +87,12 @@ def all_chunks(collection, include: list[str]) -> dict[str, Any]:
     out: dict[str, list] = {"ids": [], **{f: [] for f in include}}
     offset = 0
     while True:
-        got = collection.get(include=include, limit=GET_BATCH, offset=offset)
+        got = collection.get(include=include, limit=ID_BATCH, offset=offset)
         for key in out:
             out[key] += got[key]
-        if len(got["ids"]) < GET_BATCH:
+        if len(got["ids"]) < ID_BATCH:
             return out
-        offset += GET_BATCH
+        offset += ID_BATCH
 
 
 def build_bm25(collection, stem: bool = True) -> Bm25Index:
@@ -109,19 +108,13 @@ def build_bm25(collection, stem: bool = True) -> Bm25Index:
 
 def save_bm25(index: Bm25Index, folder: Path) -> None:
     """Write the index into a temp folder beside `folder`, then swap it in: never half an index."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp = temp_folder(folder)
     try:
         if index.ids:
             index.model.save(str(tmp), show_progress=False)
         meta = {"ids_sha256": ids_digest(index.ids), "ids": index.ids, "sources": index.sources, "stem": index.stem}
         (tmp / BM25_META).write_text(json.dumps(meta), encoding="utf-8")
-        old = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

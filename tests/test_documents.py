@@ -3,31 +3,9 @@
 import logging
 
 import pytest
+from conftest import write_pdf
 
 from tunerag.documents import DocumentError, find_documents, read_document
-
-
-def _pdf(path, text):
-    """A one-page PDF with a real text layer (or none, for text=None), written by hand."""
-    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode() if text else b""
-    objects = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-        b"/Resources << /Font << /F1 5 0 R >> >> >>",
-        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-    ]
-    out, offsets = b"%PDF-1.4\n", []
-    for i, obj in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % i + obj + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    path.write_bytes(out)
-    return path
 
 
 def test_folder_is_walked_sorted_and_filtered(tmp_path):
@@ -40,7 +18,7 @@ def test_folder_is_walked_sorted_and_filtered(tmp_path):
 
 
 def test_pdf_text_layer_is_extracted(tmp_path):
-    text = read_document(_pdf(tmp_path / "r.pdf", "Net interest margin was 3.42 percent."))
+    text = read_document(write_pdf(tmp_path / "r.pdf", ["Net interest margin was 3.42 percent."]))
     assert "Net interest margin was 3.42 percent." in text
 
 
@@ -58,7 +36,7 @@ def test_bad_files_get_one_clear_error(tmp_path, name, content, message):
 
 def test_scanned_pdf_without_text_says_so(tmp_path):
     with pytest.raises(DocumentError, match="no text layer"):
-        read_document(_pdf(tmp_path / "scan.pdf", None))
+        read_document(write_pdf(tmp_path / "scan.pdf", [None]))
 
 
 def test_missing_unsupported_and_huge(tmp_path):
