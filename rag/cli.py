@@ -38,8 +38,8 @@ HISTORY_TURNS = 3  # earlier (question, answer) pairs a follow-up is read with
 
 def quiet_libraries() -> None:
     """Our INFO lines stay; the libraries' INFO chatter and weight-loading bars do not."""
-    for name in ("bitsandbytes", "sentence_transformers", "transformers", "chromadb", "httpx", "urllib3", "langchain_huggingface",
-                 "bm25s"):
+    # (bm25s sets its own logger to DEBUG when imported: rag.retrieve.import_bm25s quiets it after that)
+    for name in ("bitsandbytes", "sentence_transformers", "transformers", "chromadb", "httpx", "urllib3", "langchain_huggingface"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import transformers
 
