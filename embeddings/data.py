@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tunerag.common import TuneragError
+from tunerag.common import TuneragError, stable_rng
 
 
 class PairsError(TuneragError):
@@ -139,12 +139,6 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
 
 
 # --------------------------------------------------------------------------- queries
-
-def stable_rng(seed: int, *parts: str) -> random.Random:
-    """A Random seeded by `seed` and text, so a chunk's draw does not depend on the chunks before it."""
-    digest = hashlib.sha256("\x1f".join([str(seed), *parts]).encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
-
 
 def pick_sentences(chunk: Chunk, n: int, seed: int, min_words: int = 5) -> list[int]:
     """Indices of up to `n` sentences of at least `min_words` words that the chunk does not share with

@@ -39,6 +39,7 @@ from embeddings.data import (
     ict_pairs,
     normalise_question,
     parse_questions,
+    pick_sentences,
     plain_question_prompt,
     qa_pairs,
     qa_to_pairs,
@@ -179,9 +180,10 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
     return plain_question_prompt(messages)  # a base model without a chat template
 
 
-def llm_queries(chunks: list[Chunk], cfg: PrepareConfig) -> tuple[dict[str, tuple[list[str], str]], dict]:
-    """Questions for each chunk from cfg.llm: one prompt per picked sentence (`question_contexts`),
-    generated in batches, cached per prompt, and parsed; the passage is the whole chunk."""
+def write_questions(contexts: list[str], cfg: PrepareConfig) -> tuple[list[list[str]], dict]:
+    """One question (or none, when the output does not parse) per context, written by cfg.llm: prompts
+    generated in batches and cached per prompt, so a rerun resumes. Returns the questions per context
+    and the generation stats."""
     import torch
     from tqdm.auto import tqdm
 
@@ -196,21 +198,16 @@ def llm_queries(chunks: list[Chunk], cfg: PrepareConfig) -> tuple[dict[str, tupl
     fingerprint = model_identity(resolved)  # retraining into the same folder invalidates the cache
     settings = json.dumps({"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                            "seed": cfg.seed if cfg.temperature > 0 else None})
-    owners, prompts, keys = [], [], []  # one entry per prompt, in chunk order
-    for c in chunks:
-        for context in question_contexts(c, cfg.questions_per_chunk, cfg.seed):
-            prompt = render_prompt(tokenizer, question_messages(context, cfg.seed))
-            owners.append(c)
-            prompts.append(prompt)
-            keys.append(hashlib.sha256("\x1f".join([fingerprint, prompt, settings]).encode()).hexdigest())
+    prompts = [render_prompt(tokenizer, question_messages(context, cfg.seed)) for context in contexts]
+    keys = [hashlib.sha256("\x1f".join([fingerprint, prompt, settings]).encode()).hexdigest() for prompt in prompts]
     cache = QuestionCache(cfg.cache or tunerag_home() / "embeddings" / "question_cache.jsonl")
     batches = generation_batches(keys, set(cache.outputs), cfg.batch_size)
     todo = [i for batch in batches for i in batch]
     new = sum(k not in cache.outputs for k in keys)
     prompt_tokens = sum(len(tokenizer(prompts[i], add_special_tokens=False)["input_ids"]) for i in todo)
-    logger.info("LLM questions: %d prompts for %d chunks, %d cached, %d to generate (%d batches of up to %d, incl. %d "
+    logger.info("LLM questions: %d prompts, %d cached, %d to generate (%d batches of up to %d, incl. %d "
                 "cached prompts that share a batch with new ones) with %s: about %d prompt tokens + up to %d new tokens "
-                "(cache: %s)", len(keys), len(chunks), len(keys) - new, len(todo), len(batches), cfg.batch_size,
+                "(cache: %s)", len(keys), len(keys) - new, len(todo), len(batches), cfg.batch_size,
                 len(todo) - new, cfg.llm, prompt_tokens, len(todo) * cfg.max_new_tokens, cache.path)
 
     def generate(batch: list[int]) -> None:
@@ -240,20 +237,46 @@ def llm_queries(chunks: list[Chunk], cfg: PrepareConfig) -> tuple[dict[str, tupl
             generate(batch)
             bar.update(len(batch))
     totals = {"kept": 0, "not_question": 0, "too_short": 0, "duplicate": 0, "extra": 0}
-    questions: dict[str, list[str]] = {c.id: [] for c in chunks}
-    for owner, key in zip(owners, keys):
+    questions = []
+    for key in keys:
         parsed, counts = parse_questions(cache.outputs[key], 1)
         for k, v in counts.items():
             totals[k] += v
-        if parsed and normalise_question(parsed[0]) in map(normalise_question, questions[owner.id]):
-            totals["kept"] -= 1  # two sentences of one chunk gave the same question
-            totals["duplicate"] += 1
-            continue
-        questions[owner.id] += parsed
+        questions.append(parsed)
     stats = {"prompts": len(keys), "generated": len(todo), "from_cache": len(keys) - len(todo),
              "generation_seconds": round(time.perf_counter() - started, 1), "parsed": totals}
     logger.info("generated %d prompts in %.1f s", len(todo), stats["generation_seconds"])
+    return questions, stats
+
+
+def llm_queries(chunks: list[Chunk], cfg: PrepareConfig) -> tuple[dict[str, tuple[list[str], str]], dict]:
+    """Questions for each chunk from cfg.llm: one prompt per picked sentence (`question_contexts`);
+    the passage is the whole chunk."""
+    owners, contexts = [], []  # one entry per prompt, in chunk order
+    for c in chunks:
+        for context in question_contexts(c, cfg.questions_per_chunk, cfg.seed):
+            owners.append(c)
+            contexts.append(context)
+    written, stats = write_questions(contexts, cfg)
+    questions: dict[str, list[str]] = {c.id: [] for c in chunks}
+    for owner, parsed in zip(owners, written):
+        if parsed and normalise_question(parsed[0]) in map(normalise_question, questions[owner.id]):
+            stats["parsed"]["kept"] -= 1  # two sentences of one chunk gave the same question
+            stats["parsed"]["duplicate"] += 1
+            continue
+        questions[owner.id] += parsed
     return {c.id: (questions[c.id], c.text) for c in chunks}, stats
+
+
+def sentence_questions(chunks: list[Chunk], cfg: PrepareConfig) -> tuple[list[tuple[Chunk, str, str]], dict]:
+    """(chunk, sentence, question) for up to cfg.questions_per_chunk picked sentences of each chunk:
+    cfg.llm writes a question about the sentence (read with the one before it), so the sentence is
+    the question's evidence. Sentences whose output did not parse as a question are left out (counted
+    in the stats)."""
+    picked = [(c, i) for c in chunks for i in pick_sentences(c, cfg.questions_per_chunk, cfg.seed)]
+    contexts = [" ".join(c.sentences[max(0, i - 1): i + 1]) for c, i in picked]
+    written, stats = write_questions(contexts, cfg)
+    return [(c, c.sentences[i], parsed[0]) for (c, i), parsed in zip(picked, written) if parsed], stats
 
 
 def roundtrip_filter(queries: dict[str, tuple[list[str], str]], chunks: list[Chunk], embedder: str,

@@ -38,8 +38,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "logging_steps": 10,
     },
 }
-# SmolLM2-135M on the shipped 578 finance instructions, sized for a 2-core CPU: about 10 minutes on an
-# idle machine, estimated from steps measured under load (see README). SmolLM2 is a Llama, so the same
+# SmolLM2-135M, sized for a 2-core CPU: 40 steps of 8 examples of up to 512 tokens (a grounded
+# rag.raft example is ~315 tokens) take ~12 minutes on an idle machine (18 s a step, measured). By
+# itself it trains on the shipped 578 finance instructions; the pipeline (and scripts/bench_llm_finetune.py
+# --answers) gives it the grounded data of your documents mixed with them. SmolLM2 is a Llama, so the same
 # attention projections are the LoRA targets. A small validation split: on the CPU, evaluation of the
 # 4-bit model costs about as much per example as training.
 PRESETS["smollm2-cpu"] = {
@@ -47,15 +49,15 @@ PRESETS["smollm2-cpu"] = {
     "base_model": SMOLLM2,
     "data": str(SAMPLE_INSTRUCTIONS),
     "val_size": 24.0,
-    "max_length": 256,
-    "max_steps": 12,
+    "max_length": 512,
+    "max_steps": 40,
     # one micro-batch of 8 per step: bitsandbytes de-quantizes every 4-bit weight once per forward
     # (three times with gradient checkpointing), so bigger micro-batches amortize it on the CPU
     "batch_size": 8,
     "grad_accum": 1,
     "lr": 2e-4,
-    "eval_steps": 6,
-    "save_steps": 6,
+    "eval_steps": 20,
+    "save_steps": 20,
     "logging_steps": 2,
 }
 
@@ -77,9 +79,12 @@ class TrainConfig:
                                                          "flags override it, it overrides the preset."))
     base_model: str | None = field(default=None, metadata=_h(
         f"Base LLM: hub id, local folder, or '{SMOLLM2}' (preset: {DEFAULT_TRAIN_MODEL})."))
-    data: str | None = field(default=None, metadata=_h(
+    data: list[str] | None = field(default=None, metadata=_h(
         "Hub data set id, or a local .json/.jsonl/.csv with instruction/input/output columns, or chat rows "
-        "with `messages` (preset: gbharti/finance-alpaca)."))
+        "with `messages` (e.g. from rag.raft); repeat for several sources (preset: gbharti/finance-alpaca)."))
+    data_weight: list[float] | None = field(default=None, metadata=_h(
+        "Share of each --data source in the training mix, in --data order (e.g. 3 1); default: every row "
+        "of every source once."))
     val_size: float | None = field(default=None, metadata=_h("Held-out validation split: a fraction (<1) or a row count."))
     out: str | None = field(default=None, metadata=_h("Run folder: checkpoints, final adapter, metrics (default runs/<preset>)."))
     max_length: int | None = field(default=None, metadata=_h("Longest example in tokens; longer ones are dropped."))
@@ -117,6 +122,12 @@ class TrainConfig:
                 setattr(self, f.name, PRESETS[self.preset][f.name])
         if self.out is None:
             self.out = f"runs/{self.preset}"
+        self.data = [self.data] if isinstance(self.data, str) else list(self.data)
+        if not self.data:
+            raise ValueError("--data needs at least one source")
+        if self.data_weight is not None and (len(self.data_weight) != len(self.data) or min(self.data_weight) < 0
+                                             or not sum(self.data_weight)):
+            raise ValueError(f"--data-weight needs one share >= 0 per --data source ({len(self.data)}), not all 0")
         for name in ("max_length", "batch_size", "grad_accum", "eval_steps", "save_steps", "logging_steps", "lora_r"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} ({getattr(self, name)}) must be >= 1")

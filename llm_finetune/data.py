@@ -27,8 +27,8 @@ class DataError(TuneragError):
     """A data set that cannot be read or has no usable rows."""
 
 
-def load_rows(source: str) -> list[dict[str, Any]]:
-    """Rows of a local .json/.jsonl/.csv file, or of the train split of a hub data set id."""
+def load_rows(source: str, flag: str = "--data") -> list[dict[str, Any]]:
+    """Rows of a local .json/.jsonl/.csv file, or of the train split of a hub data set id; errors name `flag`."""
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if path.is_file():
@@ -43,27 +43,27 @@ def load_rows(source: str) -> list[dict[str, Any]]:
                 with path.open(newline="", encoding="utf-8") as f:
                     rows = list(csv.DictReader(f))
             else:
-                raise DataError(f"--data {source!r}: unknown file type {suffix!r}; use .json, .jsonl or .csv")
+                raise DataError(f"{flag} {source!r}: unknown file type {suffix!r}; use .json, .jsonl or .csv")
         except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
-            raise DataError(f"--data {source!r} could not be parsed: {str(e).splitlines()[0]}") from None
+            raise DataError(f"{flag} {source!r} could not be parsed: {str(e).splitlines()[0]}") from None
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise DataError(f"--data {source!r} must hold a list of objects (one per example)")
+            raise DataError(f"{flag} {source!r} must hold a list of objects (one per example)")
     elif path.exists() or suffix in {".json", ".jsonl", ".csv"} or source.startswith((".", "/", "~")):
-        raise DataError(f"--data {source!r} does not exist (or is not a file)")
+        raise DataError(f"{flag} {source!r} does not exist (or is not a file)")
     else:
-        rows = _load_hub_rows(source)
+        rows = _load_hub_rows(source, flag)
     if not rows:
-        raise DataError(f"--data {source!r} has no rows")
+        raise DataError(f"{flag} {source!r} has no rows")
     return rows
 
 
-def _load_hub_rows(name: str) -> list[dict[str, Any]]:
+def _load_hub_rows(name: str, flag: str) -> list[dict[str, Any]]:
     import datasets
 
     try:
         return datasets.load_dataset(name, split="train").to_list()
     except Exception as e:  # noqa: BLE001 - offline, unknown id, no train split: all one line for the user
-        raise DataError(f"--data {name!r} is not a local file and could not be loaded from the hub ({first_line(e)}); "
+        raise DataError(f"{flag} {name!r} is not a local file and could not be loaded from the hub ({first_line(e)}); "
                         "pass a local .json/.jsonl/.csv file") from None
 
 
@@ -148,6 +148,30 @@ def split_train_val(examples: list, val_size: float, seed: int) -> tuple[list, l
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+
+
+def split_rows(rows: list[dict[str, Any]], val_size: float, seed: int) -> tuple[list, list]:
+    """(train, val) of one source: its own `split` column where it has one (rag.raft splits by document,
+    so no validation passage is trained on), else a seeded draw of `val_size`."""
+    if any("split" in r for r in rows):
+        train, val = [r for r in rows if r.get("split") != "val"], [r for r in rows if r.get("split") == "val"]
+        if train and val:
+            return train, val
+    return split_train_val(rows, val_size, seed)
+
+
+def mix_sources(parts: list[list], weights: list[float] | None, seed: int, limit: int | None = None) -> list:
+    """The rows of several sources in the shares `weights` (normalised): the largest mix that repeats
+    no row, shuffled; all rows of all sources when `weights` is None. At most `limit` rows."""
+    rng = random.Random(seed)
+    if weights is None:
+        mixed = [row for part in parts for row in part]
+    else:
+        shares = [w / sum(weights) for w in weights]
+        size = min(len(part) / share for part, share in zip(parts, shares) if share > 0)
+        mixed = [row for part, share in zip(parts, shares) for row in rng.sample(part, min(len(part), round(share * size)))]
+    rng.shuffle(mixed)
+    return mixed[:limit] if limit is not None else mixed
 
 
 def ensure_pad_token(tokenizer) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_finetune.config import TrainConfig
-from llm_finetune.data import build_examples, ensure_pad_token, load_rows, make_collator, split_train_val
+from llm_finetune.data import build_examples, ensure_pad_token, load_rows, make_collator, mix_sources, split_rows
 from tunerag.common import TuneragError, run_cli
 from tunerag.models import load_tokenizer, resolve_llm
 
@@ -225,6 +225,16 @@ def save_final(trainer, tokenizer, out: Path, files: dict[str, Any]) -> None:
     tmp.rmdir()
 
 
+def training_rows(cfg: TrainConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, val) rows of every --data source, mixed by --data-weight; the validation rows in the same
+    shares, at most --val-size of them when that is a count."""
+    splits = [split_rows(load_rows(source), cfg.val_size, cfg.seed) for source in cfg.data]
+    train = mix_sources([t for t, _ in splits], cfg.data_weight, cfg.seed)
+    val = mix_sources([v for _, v in splits], cfg.data_weight, cfg.seed,
+                      limit=int(cfg.val_size) if cfg.val_size >= 1 and len(splits) > 1 else None)
+    return train, val
+
+
 def main(cfg: TrainConfig) -> dict[str, Any]:
     import torch
     from datasets import Dataset
@@ -241,11 +251,10 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     ensure_pad_token(tokenizer)
     if not tokenizer.chat_template:
         raise TuneragError(f"{cfg.base_model!r} has no chat template; use an instruct/chat model")
-    rows = load_rows(cfg.data)
-    train_rows, val_rows = split_train_val(rows, cfg.val_size, cfg.seed)
+    train_rows, val_rows = training_rows(cfg)
     train_set = Dataset.from_list(build_examples(tokenizer, train_rows, cfg.max_length))
     val_set = Dataset.from_list(build_examples(tokenizer, val_rows, cfg.max_length))
-    logger.info("%d training and %d validation examples from %s", len(train_set), len(val_set), cfg.data)
+    logger.info("%d training and %d validation examples from %s", len(train_set), len(val_set), " + ".join(cfg.data))
 
     model = load_qlora_model(cfg, base_path, cuda)
     trainable, total = model.get_nb_trainable_parameters()

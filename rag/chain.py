@@ -28,6 +28,17 @@ INSTRUCTIONS = (
 )
 
 
+# What a grounded model (rag.raft) is trained to say when the passages hold no answer; any "don't know"
+# wording counts as one (is_no_answer).
+NO_ANSWER = "I don't know: the passages do not say."
+NO_ANSWER_WORDING = re.compile(r"\b(?:don'?t|do not|cannot|can'?t) (?:know|find|answer|say)|\bnot (?:contain|say|mention|"
+                               r"provide|state|include|specif)|\bno (?:information|mention|answer)", re.I)
+
+
+def is_no_answer(text: str) -> bool:
+    return bool(NO_ANSWER_WORDING.search(text))
+
+
 # Measured on the tuning half of the sample questions (SmolLM2-135M, sentences context): asked to copy
 # the answering sentence it quotes the right figure for 0.27 of questions, asked for "one short
 # sentence" 0.18; one worked example before the question made both worse (0.12).
@@ -64,28 +75,35 @@ def history_messages(history: list[tuple[str, str]]) -> list[dict[str, str]]:
     return [m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
 
 
-def render_prompt(tokenizer, passages: list[Any], question: str, history: list[tuple[str, str]] = ()) -> str:
-    """The prompt text through the LLM's own chat template (the one llm_finetune trained with).
-
-    A template without a system role (Mistral-7B-Instruct v0.1 raises on one) gets the instructions
-    at the top of the user turn instead; a tokenizer with no template gets a plain-text prompt."""
-    user = user_message(passages, question)
-    if not getattr(tokenizer, "chat_template", None):
-        return f"{default_prefix(tokenizer)}{INSTRUCTIONS}\n\n{user}\nAnswer:"
+def has_system_role(tokenizer) -> bool:
     from jinja2.exceptions import TemplateError
 
-    turns = history_messages(list(history))
     try:
-        return tokenizer.apply_chat_template(
-            [{"role": "system", "content": INSTRUCTIONS}, *turns, {"role": "user", "content": user}],
-            tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                                      tokenize=False, add_generation_prompt=True)
     except TemplateError:
-        if turns:  # no system role: the instructions open the first user turn
-            turns[0] = {"role": "user", "content": f"{INSTRUCTIONS}\n\n{turns[0]['content']}"}
-            return tokenizer.apply_chat_template([*turns, {"role": "user", "content": user}], tokenize=False,
-                                                 add_generation_prompt=True)
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"{INSTRUCTIONS}\n\n{user}"}], tokenize=False, add_generation_prompt=True)
+        return False
+    return True
+
+
+def prompt_messages(tokenizer, passages: list[Any], question: str, history: list[tuple[str, str]] = ()) -> list[dict]:
+    """The chat turns of the prompt: the instructions as the system turn, or at the top of the first user
+    turn for a template without a system role (Mistral-7B-Instruct v0.1 raises on one). rag.raft writes
+    its training examples with these very turns."""
+    turns = [*history_messages(list(history)), {"role": "user", "content": user_message(passages, question)}]
+    if has_system_role(tokenizer):
+        return [{"role": "system", "content": INSTRUCTIONS}, *turns]
+    turns[0] = {"role": "user", "content": f"{INSTRUCTIONS}\n\n{turns[0]['content']}"}
+    return turns
+
+
+def render_prompt(tokenizer, passages: list[Any], question: str, history: list[tuple[str, str]] = ()) -> str:
+    """The prompt text through the LLM's own chat template (the one llm_finetune trained with); a
+    tokenizer with no template gets a plain-text prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        return f"{default_prefix(tokenizer)}{INSTRUCTIONS}\n\n{user_message(passages, question)}\nAnswer:"
+    return tokenizer.apply_chat_template(prompt_messages(tokenizer, passages, question, history), tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def default_prefix(tokenizer) -> str:

@@ -19,11 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rag.retrieve import bm25_tokens
+from rag.retrieve import bm25_tokens, split_units
 
-MAX_UNIT_WORDS = 40  # a table row or run-together line longer than this is cut into pieces
 FRAGMENT_WORDS = 6  # a unit this short gets the unit before it, so it reads as a sentence
-SENTENCE_END = re.compile(r"(?<=[.!?;])\s+(?=[\"'(\[]?[A-Z0-9$])")
 CITATION = re.compile(r"\[(\d{1,2})\]")
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
@@ -36,42 +34,6 @@ class Unit:
     text: str
     score: float = 0.0
     title: str = ""  # its document's title (rag.index.document_title): the year or filing the unit is from
-
-
-def split_units(text: str) -> list[tuple[int, int]]:
-    """(start, end) of the sentences and lines of `text`; long runs are cut at " | " cell breaks or
-    every MAX_UNIT_WORDS words. Pure; the spans cover the text's non-blank parts in order."""
-    spans = []
-    for line in re.finditer(r"[^\n]+", text):
-        pos = line.start()
-        for piece in SENTENCE_END.split(line.group()):
-            start = text.index(piece, pos) if piece else pos
-            pos = start + len(piece)
-            spans += cut_long(text, start, pos)
-    stripped = []
-    for s, e in spans:
-        piece = text[s:e]
-        if piece.strip():
-            s += len(piece) - len(piece.lstrip())
-            stripped.append((s, s + len(piece.strip())))
-    return stripped
-
-
-def cut_long(text: str, start: int, end: int) -> list[tuple[int, int]]:
-    words = list(re.finditer(r"\S+", text[start:end]))
-    if len(words) <= MAX_UNIT_WORDS:
-        return [(start, end)]
-    pieces, first = [], 0
-    while first < len(words):
-        last = min(first + MAX_UNIT_WORDS, len(words))
-        if last < len(words):  # prefer to end at a table cell break in the second half of the window
-            for j in range(last - 1, first + MAX_UNIT_WORDS // 2, -1):
-                if words[j].group() == "|":
-                    last = j + 1
-                    break
-        pieces.append((start + words[first].start(), start + words[last - 1].end()))
-        first = last
-    return pieces
 
 
 def lexical_overlap(question_terms: set[str], unit_terms: list[str]) -> float:

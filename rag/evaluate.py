@@ -54,6 +54,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def share(flags: list[bool]) -> float | None:
+    return round(sum(flags) / len(flags), 4) if flags else None
+
+
 def bench_embedder(cfg: RagEvalConfig, spec: str, items: list[dict], persist_dir: Path, ks=(1, 2, 4, 8)) -> dict:
     """Index build (or reuse) and retrieval figures of one embedder with cfg's retriever."""
     from rag.cli import Answerer
@@ -81,12 +85,14 @@ def bench_embedder(cfg: RagEvalConfig, spec: str, items: list[dict], persist_dir
 
 def bench_llm(cfg: RagEvalConfig, spec: str, embedder: str, items: list[dict], persist_dir: Path) -> dict:
     """Answer figures of one LLM (or of --answer extractive) with cfg's retriever and context."""
+    from rag.chain import is_no_answer
     from rag.cli import Answerer
     from rag.metrics import answer_matches
 
     t0 = time.perf_counter()
     answerer = Answerer(cfg.rag_config(embeddings=embedder, llm=spec, persist_dir=persist_dir), t0)
     ttft, rates, matches, evidence, answers = [], [], [], [], []
+    shown, declined = [], []  # the answer is in the passages the LLM read; the LLM said it does not know
     for item in items[: cfg.gen_questions]:
         out: dict = {}
         stamps: list[float] = []
@@ -99,9 +105,11 @@ def bench_llm(cfg: RagEvalConfig, spec: str, embedder: str, items: list[dict], p
                 rates.append((tokens - 1) / (stamps[-1] - stamps[0]))
         matches.append(answer_matches(out["result"], item["answer"]))
         evidence.append(bool(out.get("evidence")) and answer_matches(out["evidence"]["text"], item["answer"]))
+        shown.append(any(answer_matches(d.page_content, item["answer"]) for d in out["source_documents"]))
+        declined.append(is_no_answer(out["result"]))
         answers.append({"id": item["id"], "answer": item["answer"], "result": out["result"], "match": matches[-1],
                         "evidence": (out.get("evidence") or {}).get("text"), "evidence_match": evidence[-1],
-                        "citations": out.get("citations")})
+                        "citations": out.get("citations"), "answer_in_passages": shown[-1], "declined": declined[-1]})
         logger.info("%s %s: %s | expected %s", item["id"], "ok " if matches[-1] else "no ", out["result"][:100].replace("\n", " "), item["answer"])
     return {
         "llm": spec if cfg.answer == "llm" else "(extractive)", "embeddings": embedder, "retriever": cfg.retriever,
@@ -110,5 +118,9 @@ def bench_llm(cfg: RagEvalConfig, spec: str, embedder: str, items: list[dict], p
         "first_token_median_s": round(statistics.median(ttft), 3), "first_token_p95_s": round(percentile(ttft, 0.95), 3),
         "tokens_per_s_median": round(statistics.median(rates), 2) if rates else None,
         "answer_match": round(sum(matches) / len(matches), 4), "evidence_match": round(sum(evidence) / len(evidence), 4),
+        # of the questions whose answer the passages hold: the share answered (not "I don't know");
+        # of those whose passages do not hold it: the share declined
+        "answered_when_in_passages": share([not d for d, s in zip(declined, shown) if s]),
+        "declined_when_not_in_passages": share([d for d, s in zip(declined, shown) if not s]),
         "answers": answers,
     }

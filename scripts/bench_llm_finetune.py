@@ -2,6 +2,15 @@
 
     python scripts/bench_llm_finetune.py                      # the whole preset
     python scripts/bench_llm_finetune.py --max-steps 6        # a short run (label it as such)
+    python scripts/bench_llm_finetune.py --answers            # the grounded fine-tune: base vs tuned answers
+
+--answers (the grounded fine-tune, RAFT): rag.raft builds grounded data from each shipped corpus
+(SmolLM2 writes the questions; hand-written questions are never trained on), the preset trains on it
+mixed with the shipped instructions (--data-weight), the adapter is merged, and the base and the
+merged model answer the held-out hand-written questions of every corpus through rag.cli's own path
+(same retriever, context and store), side by side: answer match, evidence match, the share answered
+when the passages hold the answer and the share declined when they do not; and the other corpus's
+questions, whose answers are in none of the passages ("foreign": declined is right).
 
 Prints one JSON object on stdout (perplexity on the held-out split before/after, training tokens/s,
 peak memory, merge seconds, and our tokens/s as a ratio to a bare transformers Trainer run with the same
@@ -38,6 +47,16 @@ class BenchConfig:
     baseline: bool = field(default=True, metadata={"help": "Also time a bare Trainer run for the tokens/s ratio."})
     workdir: str | None = field(default=None, metadata={"help": "Where runs go (default: a temporary folder)."})
     seed: int = field(default=42, metadata={"help": "Seed."})
+    answers: bool = field(default=False, metadata={"help": "Benchmark the grounded fine-tune's answers instead (see above)."})
+    corpus: list[str] = field(default_factory=lambda: ["sample", "long"], metadata={"help": "--answers: corpora (repeat)."})
+    raft_questions: list[int] = field(default_factory=lambda: [100, 300], metadata={
+        "help": "--answers: generated questions per corpus, in --corpus order."})
+    p_missing: float = field(default=0.2, metadata={"help": "--answers: rag.raft --p-missing."})
+    data_weight: list[float] = field(default_factory=lambda: [4.0, 1.0], metadata={
+        "help": "--answers: shares of grounded data and of the shipped instructions."})
+    lr: float | None = field(default=None, metadata={"help": "--answers: learning rate (default: the preset's)."})
+    foreign_questions: int = field(default=20, metadata={
+        "help": "--answers: held-out questions of the other corpus asked per corpus (their answers are absent)."})
 
 
 def peak_rss_gib() -> float:
@@ -61,15 +80,15 @@ def bare_trainer_tokens_per_second(train_cfg, workdir: Path) -> dict:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
 
-    from llm_finetune.data import build_examples, ensure_pad_token, load_rows, split_train_val
-    from llm_finetune.train import bnb_config
+    from llm_finetune.data import build_examples, ensure_pad_token
+    from llm_finetune.train import bnb_config, training_rows
     from tunerag.models import load_tokenizer, resolve_llm
 
     set_seed(train_cfg.seed)
     base = resolve_llm(train_cfg.base_model)
     tokenizer = load_tokenizer(base)
     ensure_pad_token(tokenizer)
-    train_rows, _ = split_train_val(load_rows(train_cfg.data), train_cfg.val_size, train_cfg.seed)
+    train_rows, _ = training_rows(train_cfg)
     examples = [{"input_ids": e["input_ids"]} for e in build_examples(tokenizer, train_rows, train_cfg.max_length)]
     model = AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb_config(torch.float32), dtype=torch.float32)
     model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -129,6 +148,72 @@ def phase_bare(train_cfg, workdir: Path) -> dict:
     return {**bare_trainer_tokens_per_second(train_cfg, workdir), "peak_rss_gib": peak_rss_gib()}
 
 
+def phase_raft(raft_cfg) -> dict:
+    from rag import raft
+
+    return raft.main(raft_cfg)
+
+
+def phase_answers(eval_cfg, spec: str, corpus_items: list, persist_dir: Path) -> dict:
+    from rag.evaluate import bench_llm
+
+    return bench_llm(eval_cfg, spec, eval_cfg.embeddings[0], corpus_items, persist_dir)
+
+
+def grounded(cfg: BenchConfig) -> dict:
+    """The --answers benchmark (see the module docstring)."""
+    from llm_finetune.config import MergeConfig, TrainConfig
+    from rag.evaluate import RagEvalConfig
+    from rag.raft import RaftConfig
+    from tunerag.samples import SAMPLE_INSTRUCTIONS, corpus_files, corpus_questions
+
+    t0 = time.perf_counter()
+    workdir = Path(cfg.workdir or tempfile.mkdtemp(prefix="bench_grounded-"))
+    grounded_rows = workdir / "grounded.jsonl"
+    raft_stats = {}
+    if not grounded_rows.is_file():
+        for corpus, n in zip(cfg.corpus, cfg.raft_questions):
+            raft_stats[corpus] = in_fresh_process(phase_raft, RaftConfig(
+                docs=corpus_files(corpus), out=workdir / f"raft_{corpus}.jsonl", questions=n, p_missing=cfg.p_missing,
+                persist_dir=workdir / "chroma", seed=cfg.seed))
+        grounded_rows.write_text("".join((workdir / f"raft_{c}.jsonl").read_text() for c in cfg.corpus))
+    overrides = {"max_steps": cfg.max_steps} if cfg.max_steps else {}
+    train_cfg = TrainConfig(preset=cfg.preset, out=str(workdir / "run"), seed=cfg.seed,
+                            data=[str(grounded_rows), str(SAMPLE_INSTRUCTIONS)], data_weight=list(cfg.data_weight),
+                            **overrides, **({"lr": cfg.lr} if cfg.lr else {}))
+    if not (workdir / "run" / "adapter_config.json").is_file():
+        metrics = in_fresh_process(phase_ours, train_cfg)
+    else:
+        metrics = json.loads((workdir / "run" / "metrics.json").read_text())
+    merged = workdir / "merged"
+    if not (merged / "config.json").is_file():
+        in_fresh_process(phase_merge, MergeConfig(adapter=train_cfg.out, out=str(merged)))
+    results = {}
+    for i, corpus in enumerate(cfg.corpus):
+        other = cfg.corpus[(i + 1) % len(cfg.corpus)]
+        sets = {"heldout": corpus_questions(corpus, "heldout")}
+        if other != corpus and cfg.foreign_questions:
+            sets["foreign"] = corpus_questions(other, "heldout")[: cfg.foreign_questions]
+        eval_cfg = RagEvalConfig(file=corpus_files(corpus), gen_questions=10_000, max_new_tokens=64, seed=0)
+        for name, items in sets.items():
+            for label, spec in (("base", train_cfg.base_model), ("tuned", str(merged))):
+                results[f"{corpus}/{name}/{label}"] = in_fresh_process(phase_answers, eval_cfg, spec, items,
+                                                                       workdir / "chroma")
+    keys = ("answer_match", "evidence_match", "answered_when_in_passages", "declined_when_not_in_passages")
+    table = {name: {k: r[k] for k in keys} | {"questions": r["questions"]} for name, r in results.items()}
+    report = {"bench": "llm_finetune_answers", "config": asdict(cfg), "train_config": asdict(train_cfg),
+              "raft": raft_stats, "train": {k: metrics.get(k) for k in ("n_train", "n_val", "global_step", "perplexity_before",
+                                                                        "perplexity_after", "train")},
+              "results": table, "answers": {name: r["answers"] for name, r in results.items()},
+              "seconds": round(time.perf_counter() - t0, 1)}
+    print(f"{'corpus/questions/model':<28} {'n':>4} {'answer':>7} {'evidence':>9} {'answered':>9} {'declined':>9}", file=sys.stderr)
+    for name, row in table.items():
+        cells = [f"{row[k]:.3f}" if row[k] is not None else "-" for k in keys]
+        print(f"{name:<28} {row['questions']:>4} {cells[0]:>7} {cells[1]:>9} {cells[2]:>9} {cells[3]:>9}", file=sys.stderr)
+    print(json.dumps(report, default=str))
+    return report
+
+
 def main(cfg: BenchConfig) -> dict:
     import torch
 
@@ -178,4 +263,5 @@ def main(cfg: BenchConfig) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    main(parse_config(BenchConfig, prog="python scripts/bench_llm_finetune.py"))
+    config = parse_config(BenchConfig, prog="python scripts/bench_llm_finetune.py")
+    grounded(config) if config.answers else main(config)

@@ -114,12 +114,12 @@ def test_split_is_seeded_and_disjoint():
 
 def test_presets_config_file_and_flags_precedence(tmp_path):
     default = TrainConfig()
-    assert default.base_model == "mistralai/Mistral-7B-Instruct-v0.1" and default.data == "gbharti/finance-alpaca"
+    assert default.base_model == "mistralai/Mistral-7B-Instruct-v0.1" and default.data == ["gbharti/finance-alpaca"]
     assert (default.lora_r, default.lora_alpha, default.lora_dropout, default.lr) == (16, 4, 0.05, 1e-4)
     assert default.lora_targets == ["q_proj", "k_proj", "v_proj", "o_proj"] and default.train_head
     assert default.max_length == 1024 and default.epochs == 1 and default.max_steps == -1
     smol = TrainConfig(preset="smollm2-cpu")
-    assert smol.base_model == "smollm2" and smol.data == str(SAMPLE_INSTRUCTIONS) and smol.out == "runs/smollm2-cpu"
+    assert smol.base_model == "smollm2" and smol.data == [str(SAMPLE_INSTRUCTIONS)] and smol.out == "runs/smollm2-cpu"
     (tmp_path / "c.yaml").write_text("preset: smollm2-cpu\nmax-length: 99\nlr: 0.5\n")
     cfg = TrainConfig(config=str(tmp_path / "c.yaml"), lr=0.25)
     assert (cfg.base_model, cfg.max_length, cfg.lr, cfg.batch_size) == ("smollm2", 99, 0.25, PRESETS["smollm2-cpu"]["batch_size"])

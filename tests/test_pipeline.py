@@ -25,7 +25,7 @@ def tiny_run(tmp_path_factory, tiny_inputs, tiny_bert, tiny_mistral):
     docs, qa, alpaca = tiny_inputs
     cfg = PipelineConfig(docs=[docs], out=tmp_path_factory.mktemp("run") / "demo", questions=qa, instructions=alpaca,
                          embedder=str(tiny_bert), llm=str(tiny_mistral), max_chunks=6, emb_epochs=1,
-                         llm_max_steps=2, rag_questions=2, max_new_tokens=4)
+                         llm_max_steps=2, rag_questions=2, max_new_tokens=4, raft_questions=6, question_llm="smollm2")
     return cfg, main(cfg)
 
 
@@ -44,7 +44,10 @@ def test_every_step_runs_and_the_report_holds_numbers(tiny_run):
     for png in ("rag_configurations", "embedder_base_vs_tuned", "embedder_loss", "llm_loss"):
         assert (cfg.out / "plots" / f"{png}.png").stat().st_size > 5000
         assert f"plots/{png}.png" in report
-    assert "| ndcg@10 |" in report and "Perplexity on the held-out instructions" in report
+    assert "| ndcg@10 |" in report and "Perplexity on the held-out examples" in report
+    grounded = [json.loads(line) for line in (cfg.out / "grounded.jsonl").read_text().splitlines()]
+    assert grounded and all(row["messages"][-1]["role"] == "assistant" for row in grounded)
+    assert steps["llm_train"]["metrics"]["n_train"] > len([r for r in grounded if r["split"] == "train"])  # + instructions
     assert f"--embeddings {cfg.out / 'emb-tuned'} --llm {cfg.out / 'llm-merged'}" in report
 
 

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "prepare": ("embeddings.prepare", "PrepareConfig", "synthetic (query, passage) pairs from documents"),
     "finetune": ("embeddings.finetune", "FinetuneConfig", "fine-tune the embedder on those pairs"),
     "evaluate": ("embeddings.evaluate", "EvaluateConfig", "retrieval metrics of embedders, side by side"),
+    "raft": ("rag.raft", "RaftConfig", "grounded fine-tuning data from documents (questions, passages, cited answers)"),
     "train": ("llm_finetune.train", "TrainConfig", "QLoRA fine-tuning of a causal LLM"),
     "merge": ("llm_finetune.merge", "MergeConfig", "merge a QLoRA adapter into the full-precision base"),
     "pipeline": ("tunerag.pipeline", "PipelineConfig", "the whole loop, with report.md"),

@@ -17,9 +17,11 @@ import argparse
 import ctypes
 import dataclasses
 import errno
+import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import socket
@@ -296,3 +298,9 @@ def run_cli(main: Callable[[C], Any], config_cls: type[C], argv: list[str] | Non
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def stable_rng(seed: int, *parts: str) -> random.Random:
+    """A Random seeded by `seed` and text, so a chunk's draw does not depend on the chunks before it."""
+    digest = hashlib.sha256("\x1f".join([str(seed), *parts]).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))

@@ -8,10 +8,11 @@ Steps, each a command you can also run alone (see README):
   1. prepare        embeddings.prepare      docs -> pairs/train.json, pairs/val.json
   2. emb_finetune   embeddings.finetune     pairs -> emb-tuned/
   3. emb_evaluate   embeddings.evaluate     base vs tuned embedder on pairs/val.json
-  4. llm_train      llm_finetune.train      QLoRA on the instruction set -> llm-adapter/
-  5. llm_merge      llm_finetune.merge      adapter + base in float32 -> llm-merged/
-  6. rag_eval       scripts.bench_rag       {base, tuned embedder} x {base, merged LLM} on the question set
-  7. report         report.md + plots/*.png
+  4. llm_data       rag.raft                docs -> grounded.jsonl (questions, retrieved passages, cited answers)
+  5. llm_train      llm_finetune.train      QLoRA on grounded.jsonl and/or the instructions (--llm-data) -> llm-adapter/
+  6. llm_merge      llm_finetune.merge      adapter + base in float32 -> llm-merged/
+  7. rag_eval       rag.evaluate            {base, tuned embedder} x {base, merged LLM} on the held-out questions
+  8. report         report.md + plots/*.png
 
 A step whose recorded input hash (its settings plus the content of its input files) matches the
 run manifest, and whose outputs exist, is skipped; so a re-run after Ctrl-C continues where it stopped.
@@ -36,7 +37,9 @@ from tunerag.samples import SAMPLE_INSTRUCTIONS, SAMPLE_QA, SAMPLE_REPORT
 
 logger = logging.getLogger(__name__)
 
-STEPS = ("prepare", "emb_finetune", "emb_evaluate", "llm_train", "llm_merge", "rag_eval")
+STEPS = ("prepare", "emb_finetune", "emb_evaluate", "llm_data", "llm_train", "llm_merge", "rag_eval")
+# grounded rows against instructions in the --llm-data both mix: chosen with scripts/bench_llm_finetune.py --answers
+GROUNDED_WEIGHTS = [4.0, 1.0]
 
 
 @dataclass
@@ -48,7 +51,8 @@ class PipelineConfig:
         "help": "Documents (.txt/.md/.pdf/.html/.docx files or folders); repeatable."})
     out: Path = field(default=Path("runs/demo"), metadata={"help": "Run folder: every step's output, manifest.json, report.md."})
     questions: Path = field(default=SAMPLE_QA, metadata={
-        "help": "RAG evaluation set: JSON list of {question, answer, passage} about the documents."})
+        "help": "RAG evaluation set: JSON list of {question, answer, passage} about the documents; where items have a "
+                "`split` field only the heldout ones are asked."})
     instructions: Path = field(default=SAMPLE_INSTRUCTIONS, metadata={
         "help": "Instruction data (alpaca columns) for the LLM fine-tune."})
     embedder: str = field(default="minilm", metadata={"help": "Base embedder: 'minilm', a folder or a hub id."})
@@ -58,6 +62,13 @@ class PipelineConfig:
     llm_preset: Literal["smollm2-cpu", "mistral-7b"] = field(default="smollm2-cpu", metadata={
         "help": "llm_finetune.train preset (its base model is replaced by --llm)."})
     llm_max_steps: int = field(default=0, metadata={"help": "Cap the LLM fine-tune's steps (0: the preset's)."})
+    llm_data: Literal["both", "grounded", "instructions"] = field(default="both", metadata={
+        "help": "What the LLM is fine-tuned on: grounded (rag.raft data from --docs: answers quoted from retrieved "
+                "passages, with citations), instructions (--instructions), or both mixed (4:1)."})
+    raft_questions: int = field(default=200, metadata={"help": "Questions rag.raft writes about --docs for the grounded data."})
+    question_llm: str | None = field(default=None, metadata={
+        "help": "LLM that writes those questions (default: --llm; e.g. 'smollm2' when --llm is a base model without "
+                "a chat template)."})
     emb_epochs: float = field(default=0, metadata={"help": "Embedding fine-tune epochs (0: embeddings.finetune's default)."})
     max_chunks: int = field(default=0, metadata={"help": "Use only the first N chunks per split in prepare (0: all)."})
     rag_questions: int = field(default=24, metadata={
@@ -83,6 +94,8 @@ class PipelineConfig:
             raise ValueError(f"--force {sorted(bad)}: not a step; steps are {', '.join(STEPS)}")
         if min(self.llm_max_steps, self.emb_epochs, self.max_chunks, self.rag_questions) < 0 or self.k < 1:
             raise ValueError("--llm-max-steps, --emb-epochs, --max-chunks and --rag-questions must be >= 0, --k >= 1")
+        if self.raft_questions < 1 and self.llm_data != "instructions":
+            raise ValueError("--raft-questions must be >= 1 for --llm-data grounded or both")
         if self.chroma_url is not None or self.chroma_header:  # checked now, not after an hour of training
             from rag.config import RagConfig
 
@@ -262,8 +275,9 @@ def write_report(cfg: PipelineConfig, out: Path, manifest: Manifest, emb_scores:
                  "eval loss (held-out)": [(p["step"], p["loss"]) for p in curves["eval"]]},
                 plots / "llm_loss.png", f"QLoRA fine-tune of {cfg.llm}", "cross-entropy (response tokens)")
 
-    rag_rows = [[c["config"], c[recall], c["answer_match"], c["first_token_median_s"], c["tokens_per_s_median"] or "-"]
-                for c in configs]
+    rag_rows = [[c["config"], c[recall], c["answer_match"], c.get("evidence_match", "-"),
+                 c.get("answered_when_in_passages", "-"), c.get("declined_when_not_in_passages", "-"),
+                 c["first_token_median_s"], c["tokens_per_s_median"] or "-"] for c in configs]
     emb_rows = [[m, emb_scores[base_spec][m], emb_scores[tuned_spec][m], emb_scores[tuned_spec][m] - emb_scores[base_spec][m]]
                 for m in METRICS]
     step_rows = [[name, steps[name]["seconds"], steps[name]["finished"]] for name in STEPS if name in steps]
@@ -276,10 +290,14 @@ answered per configuration); base embedder `{cfg.embedder}`, base LLM `{cfg.llm}
 
 ## RAG: base vs tuned
 
-{md_table(["configuration", recall, "answer match", "first token (s, median)", "tokens/s (median)"], rag_rows)}
+{md_table(["configuration", recall, "answer match", "evidence match", "answered (in passages)", "declined (not in passages)",
+           "first token (s, median)", "tokens/s (median)"], rag_rows)}
 
 *{recall}*: share of questions whose answering passage is among the top {cfg.k} chunks. *answer match*: share of
-answers that contain the expected figure or phrase (rag/metrics.py).
+answers that contain the expected figure or phrase (rag/metrics.py); *evidence match*: the evidence sentence shown
+under the answer holds it. *answered*: of the questions whose answer is in the passages the LLM read, the share it
+answered (not "I don't know"); *declined*: of those whose passages do not hold it, the share it declined (the
+"not in the documents" answer). The LLM was fine-tuned on `{cfg.llm_data}` data (`--llm-data`).
 
 ![RAG configurations](plots/rag_configurations.png)
 
@@ -295,7 +313,7 @@ Generator `{cfg.generator}`; {emb_metrics["data"]["train_pairs"]} training pairs
 
 ## LLM: QLoRA fine-tune and merge
 
-Perplexity on the held-out instructions: {llm_metrics["perplexity_before"]:.2f} before, {llm_metrics["perplexity_after"]:.2f}
+Perplexity on the held-out examples: {llm_metrics["perplexity_before"]:.2f} before, {llm_metrics["perplexity_after"]:.2f}
 after ({llm_metrics["global_step"]} steps, {llm_metrics["n_train"]} training examples, {llm_metrics["trainable_params"]:,}
 trainable parameters). Merge verified: max |logit difference| between merged and base+adapter
 {merge_info["max_abs_logit_diff"]:.2e} (tolerance {merge_info["tolerance"]:.0e}); the trained head moved by up to
@@ -336,11 +354,17 @@ def rag_configurations(cfg: PipelineConfig, out: Path) -> list[tuple[str, str, s
             ("base emb + merged LLM", cfg.embedder, merged), ("tuned emb + merged LLM", tuned_emb, merged)]
 
 
+def heldout_items(items: list[dict]) -> list[dict]:
+    """The held-out half of a question set that has a `split` field (its tuning half chose defaults); all otherwise."""
+    heldout = [item for item in items if item.get("split") == "heldout"]
+    return heldout if any("split" in item for item in items) and heldout else items
+
+
 def rag_evaluation(cfg: PipelineConfig, out: Path) -> dict:
     """Retrieval recall per embedder, and answer quality, time to first token and tokens/s for the four pairs."""
     from rag.evaluate import RagEvalConfig, bench_embedder, bench_llm
 
-    items = json.loads(cfg.questions.read_text(encoding="utf-8"))
+    items = heldout_items(json.loads(cfg.questions.read_text(encoding="utf-8")))
     n_gen = cfg.rag_questions or len(items)
     bench = RagEvalConfig(file=cfg.docs, qa=cfg.questions, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
                            gen_questions=n_gen)
@@ -356,7 +380,8 @@ def rag_evaluation(cfg: PipelineConfig, out: Path) -> dict:
     for label, emb, llm in rag_configurations(cfg, out):
         gen = bench_llm(bench, llm, emb, items, store)
         rows.append({"config": label, "embeddings": emb, "llm": llm, f"recall@{cfg.k}": retrieval[emb][f"recall@{cfg.k}"],
-                     **{k: gen[k] for k in ("questions", "answer_match", "first_token_median_s", "tokens_per_s_median")},
+                     **{k: gen[k] for k in ("questions", "answer_match", "evidence_match", "answered_when_in_passages",
+                                            "declined_when_not_in_passages", "first_token_median_s", "tokens_per_s_median")},
                      "answers": gen["answers"]})
     shutil.rmtree(store, ignore_errors=True)
     return {"retrieval": list(retrieval.values()), "configurations": rows}
@@ -386,6 +411,8 @@ def main(cfg: PipelineConfig) -> dict:
     from llm_finetune import merge as llm_merge
     from llm_finetune import train as llm_train
     from llm_finetune.config import MergeConfig, TrainConfig
+    from rag import raft
+    from rag.raft import RaftConfig
     from tunerag.documents import find_documents
 
     out = cfg.out
@@ -412,17 +439,26 @@ def main(cfg: PipelineConfig) -> dict:
     emb_scores = run_step(manifest, cfg, "emb_evaluate", asdict(evaluate_cfg), [pairs / "val.json", emb_tuned], [],
                           lambda: emb_evaluate.main(evaluate_cfg))
 
-    train_cfg = TrainConfig(preset=cfg.llm_preset, base_model=cfg.llm, data=str(cfg.instructions), out=str(adapter),
+    grounded = out / "grounded.jsonl"
+    if cfg.llm_data != "instructions":
+        raft_cfg = RaftConfig(docs=cfg.docs, out=grounded, llm=cfg.llm, question_llm=cfg.question_llm,
+                              embeddings=cfg.embedder, questions=cfg.raft_questions,
+                              persist_dir=out / "raft_db", cache=out / "question_cache.jsonl", k=cfg.k)
+        run_step(manifest, cfg, "llm_data", asdict(raft_cfg) | {"llm_files": llm_files}, documents, [grounded],
+                 lambda: raft.main(raft_cfg))
+    sources = {"grounded": [grounded], "instructions": [cfg.instructions], "both": [grounded, cfg.instructions]}[cfg.llm_data]
+    train_cfg = TrainConfig(preset=cfg.llm_preset, base_model=cfg.llm, data=[str(p) for p in sources], out=str(adapter),
+                            data_weight=GROUNDED_WEIGHTS if cfg.llm_data == "both" else None,
                             **({"max_steps": cfg.llm_max_steps} if cfg.llm_max_steps else {}))
     train_settings = asdict(train_cfg) | {"base_files": llm_files}
-    train_key = step_key(train_settings, [cfg.instructions])
+    train_key = step_key(train_settings, sources)
     forced = cfg.forced("llm_train")
     if forced or not manifest.is_complete("llm_train", train_key, [adapter]):
         resume = resumable(adapter, train_key, llm_train.last_complete_checkpoint, allow=not forced)
         train_cfg = dataclasses.replace(train_cfg, resume=resume)
         if resume:
             logger.info("[llm_train] an unfinished run of the same inputs is in %s: resuming it", adapter)
-    run_step(manifest, cfg, "llm_train", train_settings, [cfg.instructions], [adapter],
+    run_step(manifest, cfg, "llm_train", train_settings, sources, [adapter],
              lambda: without(llm_train.main(train_cfg), "log_history", "curves"), keep_outputs=True)
 
     merge_cfg = MergeConfig(adapter=str(adapter), out=str(merged), overwrite=True)
