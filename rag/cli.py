@@ -133,20 +133,25 @@ def ask(chain, question: str, out: dict, on_token: Callable[[str], None] | None 
 
 
 class Answerer:
-    """Everything loaded once: the index, the retriever and (unless --retrieve-only) the chain."""
+    """Everything loaded once: the index, the retriever and (unless --retrieve-only) the chain.
 
-    def __init__(self, cfg: RagConfig, t_start: float):
+    `models` is a cache of loaded models shared by several Answerers (rag.serve builds a new one over
+    the new file list after an upload): the embedder and the LLM are loaded on first use only."""
+
+    def __init__(self, cfg: RagConfig, t_start: float, models: dict | None = None):
         from rag import index, remote
         from tunerag.models import model_identity
 
         self.cfg = cfg
+        self.models = models if models is not None else {}
         self.timings: dict[str, float] = {}
         # The cheap checks (documents, store folder) come before any model loads.
         docs = index.load_documents(cfg.file, cfg.strict)
         client = index.open_client(cfg.persist_dir, cfg.chroma_url, cfg.chroma_header)
         t = time.perf_counter()
         quiet_libraries()
-        embeddings, resolved = index.load_embeddings(cfg.embeddings, dtype=cfg.dtype)
+        embeddings, resolved = self.loaded(("embedder", cfg.embeddings, cfg.dtype),
+                                           lambda: index.load_embeddings(cfg.embeddings, dtype=cfg.dtype))
         self.timings["load_embedder"] = time.perf_counter() - t
         t = time.perf_counter()
         size = index.capped_chunk_size(cfg.chunk_size, index.embedder_max_tokens(embeddings))
@@ -183,6 +188,11 @@ class Answerer:
             self.timings["load_llm"] = time.perf_counter() - t
         self.timings["ready"] = time.perf_counter() - t_start
 
+    def loaded(self, key: tuple, load: Callable[[], Any]) -> Any:
+        if key not in self.models:
+            self.models[key] = load()
+        return self.models[key]
+
     def retrieval_chain(self):
         from langchain_core.runnables import RunnablePassthrough
 
@@ -216,7 +226,8 @@ class Answerer:
         try:
             # from_pretrained's "auto" is the checkpoint's dtype (float32 for SmolLM2); --dtype auto picks
             # bfloat16 on a CPU with AMX/AVX512-BF16, where it reads the prompt ~3x faster
-            model, tokenizer = load_llm(cfg.llm, dtype=pick_dtype(cfg.dtype) or "auto")
+            model, tokenizer = self.loaded(("llm", cfg.llm, cfg.dtype),
+                                           lambda: load_llm(cfg.llm, dtype=pick_dtype(cfg.dtype) or "auto"))
         except (OSError, ValueError, KeyError) as e:
             raise TuneragError(f"LLM {cfg.llm!r} could not be loaded ({first_line(e)}); pass {LLM_INSTEAD}") from None
         if cfg.temperature > 0:

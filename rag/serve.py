@@ -31,12 +31,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from importlib.resources import files as package_files
 from pathlib import Path, PurePath
 from typing import Annotated, Any
-from unittest import mock
 from urllib.parse import urlsplit
 
 from rag.cli import HISTORY_TURNS
@@ -103,32 +102,6 @@ def upload_suffixes() -> list[str]:
     return [s for s in UPLOAD_TYPES if s in SUPPORTED_SUFFIXES]
 
 
-@contextmanager
-def reusing_models(cache: dict):
-    """Hand Answerer the embedder and LLM it loaded before instead of loading them again.
-
-    Answerer loads both in its constructor, so adding a document builds a new one (index, retriever,
-    chain over the new file list); while it is built, the two loaders answer from `cache` (seconds
-    saved with MiniLM + SmolLM2; minutes, and a second copy in memory, with a 7B LLM). A loader
-    that is not there by that name is left alone: the models then load again, which is slower, not wrong."""
-    from rag import index
-    from tunerag import models
-
-    def cached(load: Callable) -> Callable:
-        def load_once(*args, **kwargs):
-            key = (load.__name__, args, tuple(sorted(kwargs.items())))
-            if key not in cache:
-                cache[key] = load(*args, **kwargs)
-            return cache[key]
-        return load_once
-
-    with ExitStack() as stack:
-        for module, name in ((index, "load_embeddings"), (models, "load_llm")):
-            if hasattr(module, name):
-                stack.enter_context(mock.patch.object(module, name, cached(getattr(module, name))))
-        yield
-
-
 def store_upload(source, folder: Path, suffix: str, limit: int) -> tuple[Path, int, bool] | None:
     """Copy an uploaded file into `folder` as SHA256{suffix}, never under the client's name; returns
     (path, bytes, whether it is new), or None when it is over `limit` bytes (nothing stays behind)."""
@@ -164,8 +137,7 @@ class Server:
         self.models: dict = {}
         self.files: list[Path] = list(cfg.file)
         self.names: dict[str, str] = {}  # stored upload name -> the client's name, for display only
-        with reusing_models(self.models):
-            self.answerer = Answerer(cfg, time.perf_counter())
+        self.answerer = Answerer(cfg, time.perf_counter(), models=self.models)
         self.indexed = self.paths()
         self.tickets: list[object] = []
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunerag-worker")
@@ -265,7 +237,7 @@ class Server:
 
     def add_work(self, path: Path, new: bool):
         """The worker's job for an upload: a new Answerer over the files plus this one (the stored
-        vectors are reused, only the new file is embedded; the models are reused, see reusing_models)."""
+        vectors are reused, only the new file is embedded; the loaded models are reused: Answerer's `models`)."""
         from rag.cli import Answerer
 
         def work(emit):
@@ -275,8 +247,7 @@ class Server:
             inside = any(f.is_dir() and f.resolve() in path.resolve().parents for f in self.files)
             files = self.files if inside else [*self.files, path]
             try:
-                with reusing_models(self.models):
-                    answerer = Answerer(replace(self.cfg, file=files, reindex=False), time.perf_counter())
+                answerer = Answerer(replace(self.cfg, file=files, reindex=False), time.perf_counter(), models=self.models)
             except BaseException:
                 if new:
                     path.unlink(missing_ok=True)

@@ -122,7 +122,6 @@ def bench_retrieval(cfg: BenchServeConfig, questions: list[str], tmp: Path, mode
     from rag import remote
     from rag.cli import Answerer
     from rag.config import RagConfig
-    from rag.serve import reusing_models
 
     port = free_port()
     chroma = Path(sys.executable).with_name("chroma")
@@ -135,9 +134,8 @@ def bench_retrieval(cfg: BenchServeConfig, questions: list[str], tmp: Path, mode
         rows = {}
         for retriever in ("hybrid", "dense"):
             common = {"file": cfg.file, "question": "-", "retrieve_only": True, "retriever": retriever}
-            with reusing_models(models):
-                stores = {"local": Answerer(RagConfig(**common, persist_dir=tmp / "db"), time.perf_counter()),
-                          "chroma_url": Answerer(RagConfig(**common, chroma_url=url), time.perf_counter())}
+            stores = {"local": Answerer(RagConfig(**common, persist_dir=tmp / "db"), time.perf_counter(), models=models),
+                      "chroma_url": Answerer(RagConfig(**common, chroma_url=url), time.perf_counter(), models=models)}
             times: dict[str, list[float]] = {name: [] for name in stores}
             for name, a in stores.items():
                 a.retriever.invoke(questions[0])  # warm: first-call costs are not retrieval
@@ -162,11 +160,9 @@ def bench_retrieval(cfg: BenchServeConfig, questions: list[str], tmp: Path, mode
 def cli_first_tokens(cfg: BenchServeConfig, questions: list[str], tmp: Path, models: dict) -> list[float]:
     from rag.cli import Answerer
     from rag.config import RagConfig
-    from rag.serve import reusing_models
 
-    with reusing_models(models):
-        answerer = Answerer(RagConfig(file=cfg.file, question="-", persist_dir=tmp / "db", llm=cfg.llm,
-                                      llm_url=cfg.llm_url, max_new_tokens=cfg.max_new_tokens), time.perf_counter())
+    answerer = Answerer(RagConfig(file=cfg.file, question="-", persist_dir=tmp / "db", llm=cfg.llm,
+                                  llm_url=cfg.llm_url, max_new_tokens=cfg.max_new_tokens), time.perf_counter(), models=models)
     answerer.ask(questions[-1], {})  # warm, as the server is once it answered one question
     times = []
     for question in questions[:cfg.first_token_rounds]:

@@ -20,7 +20,7 @@ import pytest
 from rag import index, remote
 from rag.cli import Answerer, main
 from rag.config import RagConfig
-from rag.serve import ServeConfig, build_app, reusing_models
+from rag.serve import ServeConfig, build_app
 from tunerag.common import TuneragError
 from tunerag.models import model_identity, resolve_embedder
 
@@ -85,8 +85,7 @@ def models():
 
 
 def answerer(models, **settings) -> Answerer:
-    with reusing_models(models):
-        return Answerer(RagConfig(**({"question": "-", "retrieve_only": True} | settings)), time.perf_counter())
+    return Answerer(RagConfig(**({"question": "-", "retrieve_only": True} | settings)), time.perf_counter(), models=models)
 
 
 @pytest.fixture(scope="module")
@@ -264,9 +263,8 @@ def test_the_server_reads_the_same_prompt_as_the_local_llm(llm_url, smollm2_path
 @pytest.mark.integration
 def test_cli_streams_the_answer_from_the_server_with_evidence(llm_url, indexed, models, chroma_url, sample_doc,
                                                               capsys):
-    with reusing_models(models):
-        out = main(RagConfig(file=[sample_doc], question=QUESTIONS[0], chroma_url=chroma_url, llm_url=llm_url,
-                             llm_model="smollm2", max_new_tokens=48, json=True, timings=True))
+    out = main(RagConfig(file=[sample_doc], question=QUESTIONS[0], chroma_url=chroma_url, llm_url=llm_url,
+                         llm_model="smollm2", max_new_tokens=48, json=True, timings=True))
     captured = capsys.readouterr()
     printed = json.loads(captured.out)
     assert printed["result"] == out["result"] and len(out["result"]) > 5

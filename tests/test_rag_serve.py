@@ -206,7 +206,7 @@ def test_an_upload_is_stored_by_hash_inside_upload_dir_and_answered_from(client,
     listed = client.get("/api/documents").json()
     assert {"name": "passwd.txt", "file": stored.name, "source": str(stored.resolve()), "bytes": len(NEW_DOC.encode()),
             "uploaded": True} in listed and len(listed) == 2
-    if model_before is not None:  # the new Answerer reuses the loaded LLM (see rag.serve.reusing_models)
+    if model_before is not None:  # the new Answerer reuses the loaded LLM (rag.cli.Answerer models=)
         assert server.answerer.model is model_before
     out = client.post("/api/ask", json={"question": "What expense ratio did the Zephyr Harbour Fund report?"}).json()
     assert out["source_documents"][0]["source"] == str(stored.resolve())
