@@ -62,6 +62,10 @@ class PrepareConfig:
         "help": "How train/val are separated: by document, or by position in the text (the last part is val). "
                 "auto: by document when there are 2+ documents, else by position."})
     val_fraction: float = field(default=0.2, metadata={"help": "Share of documents (or of the text) used for validation."})
+    heldout_fraction: float = field(default=0.15, metadata={
+        "help": "Share of each training document's text, cut from its end, whose questions go to heldout.json: text "
+                "in neither train nor val, on which embeddings.finetune checks that the tuned model beats the base "
+                "(0: none)."})
     max_chunks: int = field(default=0, metadata={
         "help": "Use only the first N chunks of each side (0: all); to bound LLM generation time."})
     batch_size: int = field(default=8, metadata={"help": "Prompts (one per question) per LLM generation batch."})
@@ -95,6 +99,8 @@ class PrepareConfig:
             raise ValueError(f"--chunk-overlap ({self.chunk_overlap}) must be >= 0 and < half of --chunk-tokens ({self.chunk_tokens})")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"--val-fraction ({self.val_fraction}) must be between 0 and 1")
+        if not 0 <= self.heldout_fraction < 0.5:
+            raise ValueError(f"--heldout-fraction ({self.heldout_fraction}) must be in [0, 0.5)")
         if self.roundtrip_top_k < 0:
             raise ValueError(f"--roundtrip-top-k ({self.roundtrip_top_k}) must be >= 0")
         if self.batch_size < 1 or self.max_new_tokens < 8 or self.max_chunks < 0 or self.temperature < 0:
@@ -116,6 +122,12 @@ class FinetuneConfig:
 
     train: Path = field(metadata={"help": "train.json from embeddings.prepare (or LlamaIndex generate_qa_embedding_pairs)."})
     val: Path = field(metadata={"help": "val.json, same layout; scored every --eval-steps and picks the best checkpoint."})
+    heldout: Path | None = field(default=None, metadata={
+        "help": "heldout.json (default: the one beside --train, if any): text trained on by neither side; the best "
+                "checkpoint is kept only if it beats the base on --val and here beyond noise, else the base is."})
+    require_gain: bool = field(default=False, metadata={
+        "help": "Exit with an error (and write no model) when the fine-tune does not beat the base; the scores go "
+                "to OUT.scores.json beside --out."})
     model: str = field(default=MINILM, metadata={"help": "Base embedder: a local folder, a hub id, or the embedded 'minilm'."})
     out: Path = field(default=Path("models/emb-tuned"), metadata={"help": "Folder for the tuned model (SentenceTransformer(out) loads it)."})
     epochs: float = field(default=2.0, metadata={"help": "Training epochs."})
@@ -135,6 +147,9 @@ class FinetuneConfig:
 
     def __post_init__(self):
         self.train, self.val, self.out = Path(self.train), Path(self.val), Path(self.out)
+        if self.heldout is None and (self.train.parent / "heldout.json").is_file():
+            self.heldout = self.train.parent / "heldout.json"
+        self.heldout = Path(self.heldout) if self.heldout is not None else None
         if self.epochs <= 0 or self.batch_size < 2 or self.learning_rate <= 0:
             raise ValueError(f"--epochs ({self.epochs}) and --learning-rate ({self.learning_rate}) must be > 0 "
                              f"and --batch-size ({self.batch_size}) >= 2 (in-batch negatives need 2)")

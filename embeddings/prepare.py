@@ -13,7 +13,9 @@ The LLM writes one question per prompt, a prompt per picked sentence of a chunk;
 cached per prompt (JSONL, one line each), so a rerun resumes; the batches are fixed by prompt order,
 so a resumed run writes what an uninterrupted one would. Training questions whose chunk the base
 embedder does not rank in its top K are dropped (--roundtrip-top-k).
-Writes train.json, val.json and prepare_stats.json into a temp folder beside --out and swaps it in
+Each training document's last --heldout-fraction of text gets questions too, written to heldout.json:
+text in neither train nor val, on which embeddings.finetune checks that the tuned model beats the base.
+Writes train.json, val.json, heldout.json and prepare_stats.json into a temp folder beside --out and swaps it in
 whole: --out holds either the complete new set or the previous one. prepare_stats.json describes the
 data only (the same inputs give the same bytes; scripts/pipeline.py hashes the folder); timings and
 cache hits go to the log and to the dict main() returns.
@@ -86,8 +88,9 @@ def embedder_token_counter(spec: str, chunk_tokens: int):
     return count_tokens, limit
 
 
-def document_chunks(cfg: PrepareConfig) -> tuple[list[Chunk], list[Chunk], dict]:
-    """(train chunks, val chunks, stats) for the documents in cfg.docs."""
+def document_chunks(cfg: PrepareConfig) -> tuple[list[Chunk], list[Chunk], list[Chunk], dict]:
+    """(train, val, heldout chunks, stats) for the documents in cfg.docs. In each document the text runs
+    train | heldout | val (by position), or train | heldout with whole documents as val."""
     documents, skipped = read_documents(cfg.docs, cfg.strict)  # before the embedder loads: bad input fails fast
     paths = [p for p, _ in documents]
     count_tokens, limit = embedder_token_counter(cfg.embedder, cfg.chunk_tokens)
@@ -109,13 +112,21 @@ def document_chunks(cfg: PrepareConfig) -> tuple[list[Chunk], list[Chunk], dict]
     if not sentences:
         raise TuneragError("no text left in the documents after cleaning; check --drop-pattern")
     split = cfg.split if cfg.split != "auto" else ("document" if len(sentences) > 1 else "position")
-    train, val = [], []
+    train, val, heldout = [], [], []
+
+    def add_training_text(sents: list[str], doc: str) -> None:
+        nonlocal train, heldout
+        if cfg.heldout_fraction and len(sents) >= 2:
+            sents, tail = split_by_position(sents, count_tokens, cfg.heldout_fraction)
+            heldout += chunk_sentences(tail, count_tokens, limit, overlap, f"{doc}:heldout")
+        train += chunk_sentences(sents, count_tokens, limit, overlap, f"{doc}:train" if split == "position" else doc)
+
     if split == "document":
         if len(sentences) < 2:
             raise TuneragError("--split document needs at least 2 documents with text; use --split position")
         train_docs, val_docs = split_documents(list(sentences), cfg.val_fraction, cfg.seed)
         for doc in train_docs:
-            train += chunk_sentences(sentences[doc], count_tokens, limit, overlap, doc)
+            add_training_text(sentences[doc], doc)
         for doc in val_docs:
             val += chunk_sentences(sentences[doc], count_tokens, limit, overlap, doc)
     else:
@@ -125,16 +136,16 @@ def document_chunks(cfg: PrepareConfig) -> tuple[list[Chunk], list[Chunk], dict]
                 train += chunk_sentences(sents, count_tokens, limit, overlap, f"{doc}:train")
                 continue
             head, tail = split_by_position(sents, count_tokens, cfg.val_fraction)
-            train += chunk_sentences(head, count_tokens, limit, overlap, f"{doc}:train")
+            add_training_text(head, doc)
             val += chunk_sentences(tail, count_tokens, limit, overlap, f"{doc}:val")
     if cfg.max_chunks:
-        train, val = train[: cfg.max_chunks], val[: cfg.max_chunks]
+        train, val, heldout = train[: cfg.max_chunks], val[: cfg.max_chunks], heldout[: cfg.max_chunks]
     if not val:
         raise TuneragError("the validation side is empty; add documents or raise --val-fraction")
     stats = {"documents": len(paths), "documents_skipped": [str(p) for p, _ in skipped], "split": split, "chunk_tokens": limit, "chunk_overlap": overlap,
              "lines_dropped_by_pattern": dropped_lines, "documents_without_text": len(empty),
              "max_chunk_tokens": max(count_tokens(c.text) for c in train + val)}
-    return train, val, stats
+    return train, val, heldout, stats
 
 
 # --------------------------------------------------------------------------- queries
@@ -321,7 +332,7 @@ def config_dict(cfg) -> dict:
     return json.loads(json.dumps(asdict(cfg), default=str))
 
 
-OUTPUTS = ("train.json", "val.json", "prepare_stats.json")
+OUTPUTS = ("train.json", "val.json", "heldout.json", "prepare_stats.json")
 
 # Run facts, not data facts: they differ between a fresh and a resumed run of the same inputs.
 RUN_ONLY = {"seconds", "generated", "from_cache", "generation_seconds"}
@@ -359,10 +370,12 @@ def main(cfg: PrepareConfig) -> dict:
     logger.info("prepare: %s", config_dict(cfg))
     started = time.perf_counter()
     with staging_folder(cfg.out) as stage:
-        stats, train, val = make_pairs(cfg)
+        stats, train, val, heldout = make_pairs(cfg)
         try:
             write_json_atomic(stage / "train.json", train.to_json())
             write_json_atomic(stage / "val.json", val.to_json())
+            if heldout is not None and heldout.queries:
+                write_json_atomic(stage / "heldout.json", heldout.to_json())
             write_json_atomic(stage / "prepare_stats.json", data_stats(stats))
         except OSError as e:
             raise TuneragError(f"cannot write --out {str(cfg.out)!r}: {e.strerror or e}") from None
@@ -416,8 +429,9 @@ def load_qa_dataset(spec: str, split: str) -> list[dict]:
     return data.to_list()
 
 
-def make_pairs(cfg: PrepareConfig) -> tuple[dict, Pairs, Pairs]:
-    """(stats, train pairs, val pairs) from cfg.qa_file, cfg.qa_dataset or cfg.docs."""
+def make_pairs(cfg: PrepareConfig) -> tuple[dict, Pairs, Pairs, Pairs | None]:
+    """(stats, train pairs, val pairs, heldout pairs or None) from cfg.qa_file, cfg.qa_dataset or cfg.docs.
+    A Q/A set has no held-out text: its heldout is None."""
     columns = {"question_column": cfg.question_column, "answer_column": cfg.answer_column,
                "answer_template": cfg.answer_template}
     if cfg.qa_file is not None or cfg.qa_dataset is not None:
@@ -430,12 +444,13 @@ def make_pairs(cfg: PrepareConfig) -> tuple[dict, Pairs, Pairs]:
         if skipped:
             logger.warning("%d record(s) of %s skipped: empty question or answer", skipped, cfg.qa_file or cfg.qa_dataset)
         train, val = qa_to_pairs(qa, cfg.val_fraction, cfg.seed)
+        heldout = None
         stats = {"source": source, "records": len(qa) + skipped, "records_skipped": skipped}
     else:
-        train_chunks, val_chunks, stats = document_chunks(cfg)
-        chunks = train_chunks + val_chunks
-        logger.info("%d chunks (%d train, %d val), at most %d tokens each (split by %s)", len(chunks),
-                    len(train_chunks), len(val_chunks), stats["max_chunk_tokens"], stats["split"])
+        train_chunks, val_chunks, heldout_chunks, stats = document_chunks(cfg)
+        chunks = train_chunks + val_chunks + heldout_chunks
+        logger.info("%d chunks (%d train, %d val, %d held out), at most %d tokens each (split by %s)", len(chunks),
+                    len(train_chunks), len(val_chunks), len(heldout_chunks), stats["max_chunk_tokens"], stats["split"])
         if cfg.generator == "ict":
             queries = ict_queries(chunks, cfg)
         else:
@@ -453,18 +468,20 @@ def make_pairs(cfg: PrepareConfig) -> tuple[dict, Pairs, Pairs]:
                             cfg.embedder, cfg.roundtrip_top_k)
         train, empty_train = build_pairs(train_chunks, queries)
         val, empty_val = build_pairs(val_chunks, queries)
+        heldout, empty_heldout = build_pairs(heldout_chunks, queries)
+        empty = empty_train + empty_val + empty_heldout
         stats.update(source="documents", generator=cfg.generator, chunks_train=len(train_chunks),
-                     chunks_val=len(val_chunks), chunks_without_query=empty_train + empty_val)
-        if empty_train + empty_val:
-            logger.warning("%d of %d chunks gave no usable query (kept in the corpus as distractors)",
-                           empty_train + empty_val, len(chunks))
+                     chunks_val=len(val_chunks), chunks_heldout=len(heldout_chunks), chunks_without_query=empty,
+                     heldout_queries=len(heldout.queries))
+        if empty:
+            logger.warning("%d of %d chunks gave no usable query (kept in the corpus as distractors)", empty, len(chunks))
     if not train.queries or not val.queries:
         side = "train" if not train.queries else "val"
         raise TuneragError(f"no usable queries on the {side} side (see the counts above); "
                            "try --generator ict, another --llm, or more documents")
     stats.update(train_queries=len(train.queries), train_passages=len(train.corpus),
                  val_queries=len(val.queries), val_passages=len(val.corpus), config=config_dict(cfg))
-    return stats, train, val
+    return stats, train, val, heldout
 
 
 if __name__ == "__main__":

@@ -205,9 +205,10 @@ def generated_questions(cfg: RaftConfig) -> tuple[list[tuple[str, str, str]], di
     def prepare_config(per_chunk: int) -> PrepareConfig:
         return PrepareConfig(docs=cfg.docs, out=cfg.out.parent, generator="llm", llm=cfg.question_llm or cfg.llm,
                              embedder=cfg.embeddings, questions_per_chunk=per_chunk, split=cfg.split,
-                             val_fraction=cfg.val_fraction, cache=cfg.cache, seed=cfg.seed, strict=cfg.strict)
+                             val_fraction=cfg.val_fraction, heldout_fraction=0.0, cache=cfg.cache, seed=cfg.seed,
+                             strict=cfg.strict)
 
-    train_chunks, val_chunks, stats = document_chunks(prepare_config(1))
+    train_chunks, val_chunks, _, stats = document_chunks(prepare_config(1))
     n_val = max(1, round(cfg.questions * cfg.val_fraction))
     rng = stable_rng(cfg.seed, "raft-chunks")
     triples, stats["llm"] = [], {}

@@ -74,7 +74,7 @@ def qa_pairs_over_chunks(qa_path: Path, prepare_cfg: PrepareConfig) -> tuple[Pai
     from embeddings.prepare import document_chunks
     from rag.metrics import chunk_answers
 
-    train_chunks, val_chunks, _ = document_chunks(prepare_cfg)
+    train_chunks, val_chunks, _, _ = document_chunks(prepare_cfg)
     corpus = {c.id: c.text for c in train_chunks + val_chunks}
     val_ids = {c.id for c in val_chunks}
     every, heldout = Pairs(corpus=corpus), Pairs(corpus=corpus)

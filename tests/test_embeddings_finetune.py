@@ -13,14 +13,15 @@ from tunerag.common import TuneragError, parse_config, write_json_atomic
 
 @pytest.fixture(scope="session")
 def pair_files(tmp_path_factory, sample_doc):
-    """ICT pairs from the sample document: 24 train chunks, 6 val chunks (word counts stand in for tokens)."""
+    """ICT pairs from the sample document: 24 train chunks, 6 val chunks, 6 held-out chunks (word counts
+    stand in for tokens); heldout.json beside train.json is found by embeddings.finetune itself."""
     folder = tmp_path_factory.mktemp("pairs")
     lines, _ = clean_text(sample_doc.read_text())
-    chunks = chunk_sentences(split_sentences(lines), lambda t: len(t.split()), 60, 0)[:30]
-    sides = {"train": Pairs(), "val": Pairs()}
+    chunks = chunk_sentences(split_sentences(lines), lambda t: len(t.split()), 60, 0)[:36]
+    sides = {"train": Pairs(), "val": Pairs(), "heldout": Pairs()}
     for c in chunks:
         queries, passage = ict_pairs(c, 2, seed=0)
-        sides["train" if c.index < 24 else "val"].add(c.id, passage, queries)
+        sides["train" if c.index < 24 else "val" if c.index < 30 else "heldout"].add(c.id, passage, queries)
     for name, pairs in sides.items():
         write_json_atomic(folder / f"{name}.json", pairs.to_json())
     return folder / "train.json", folder / "val.json"
@@ -108,3 +109,35 @@ def test_flags_parse_and_check():
     assert cfg.matryoshka_dims == [384, 64] and cfg.cached_loss and cfg.hard_negatives == 2
     with pytest.raises(SystemExit):
         parse_config(FinetuneConfig, ["--train", "t.json", "--val", "v.json", "--batch-size", "1"])
+
+
+def test_a_fine_tune_that_does_not_beat_the_base_saves_the_base(minilm_path, pair_files, tmp_path):
+    """Never worse than the base, by construction: a learning rate that wrecks MiniLM gives a checkpoint
+    below the base on val and heldout, so --out gets the base's weights, and --require-gain refuses."""
+    from sentence_transformers import SentenceTransformer
+
+    train, val = pair_files
+    settings = dict(train=train, val=val, model=str(minilm_path), epochs=1, batch_size=8, learning_rate=0.5)
+    metrics = main(FinetuneConfig(**settings, out=tmp_path / "kept"))
+    assert metrics["kept"] == "base" and set(metrics["checks"]) == {"val", "heldout"}
+    assert metrics["checks"]["heldout"]["gain"] < 0 and not metrics["checks"]["heldout"]["beats_base"]
+    base, saved = SentenceTransformer(str(minilm_path)), SentenceTransformer(str(tmp_path / "kept"))
+    texts = ["What was the CET1 ratio?", "Net interest income rose 6%."]
+    assert (base.encode(texts) == saved.encode(texts)).all()
+    assert "these are the base model's weights, unchanged" in (tmp_path / "kept" / "README.md").read_text()
+    with pytest.raises(TuneragError, match="does not beat the base beyond noise .*--require-gain"):
+        main(FinetuneConfig(**settings, out=tmp_path / "refused", require_gain=True))
+    assert not (tmp_path / "refused").exists()
+    scores = json.loads((tmp_path / "refused.scores.json").read_text())
+    assert scores["kept"] == "base" and scores["checks"]["val"]["queries"] == len(load_pairs(val).queries)
+
+
+def test_per_query_ndcg_matches_the_evaluator(minilm_path, pair_files):
+    from embeddings.finetune import ir_evaluator, per_query_ndcg
+    from sentence_transformers import SentenceTransformer
+
+    val = load_pairs(pair_files[1])
+    model = SentenceTransformer(str(minilm_path))
+    scores = per_query_ndcg(model, val)
+    assert set(scores) == set(val.queries)
+    assert sum(scores.values()) / len(scores) == pytest.approx(ir_evaluator(val)(model)["val_cosine_ndcg@10"], abs=1e-4)
