@@ -35,17 +35,19 @@ def two_docs(tmp_path):
 
 def test_ict_on_the_sample_document(tmp_path, sample_doc, minilm_path):
     stats = main(PrepareConfig(docs=[sample_doc], out=tmp_path / "a", generator="ict"))
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["prepare_stats.json", "train.json", "val.json"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["heldout.json", "prepare_stats.json", "train.json", "val.json"]
     train, val = load_pairs(tmp_path / "a" / "train.json"), load_pairs(tmp_path / "a" / "val.json")
+    heldout = load_pairs(tmp_path / "a" / "heldout.json")
     assert stats["split"] == "position" and stats["max_chunk_tokens"] <= 128
-    assert len(train.corpus) > 3 * len(val.corpus) > 0 and len(train.queries) > 50
-    assert not set(train.corpus) & set(val.corpus)
+    assert len(train.corpus) > 3 * len(val.corpus) > 0 and len(train.queries) > 50 and len(heldout.queries) > 5
+    assert not set(train.corpus) & set(val.corpus) and not set(train.corpus) & set(heldout.corpus)
     assert all(cid.startswith("finance_report.txt:train#") for cid in train.corpus)
-    # no leak by text: no validation sentence (passage or query) appears in any training passage or query
+    # no leak by text: no validation or held-out sentence (passage or query) is in any training passage or query
     train_text = "\n".join([*train.corpus.values(), *train.queries.values()])
-    val_sentences = [s for t in [*val.corpus.values(), *val.queries.values()] for s in split_sentences(clean_text(t)[0])]
-    assert len(val_sentences) > 20
-    assert [s for s in val_sentences if len(s.split()) >= 4 and s in train_text] == []
+    for side in (val, heldout):
+        side_sentences = [s for t in [*side.corpus.values(), *side.queries.values()] for s in split_sentences(clean_text(t)[0])]
+        assert len(side_sentences) > 10
+        assert [s for s in side_sentences if len(s.split()) >= 4 and s in train_text] == []
     # ICT: the query sentence is in the document but not in its passage
     qid, query = next(iter(train.queries.items()))
     assert query in " ".join(sample_doc.read_text().split()) and query not in train.corpus[train.relevant_docs[qid][0]]
@@ -72,7 +74,8 @@ def test_out_is_replaced_whole_and_stats_are_reproducible(two_docs, tmp_path, mo
     cfg = PrepareConfig(docs=[two_docs], out=out, generator="ict", chunk_tokens=40, chunk_overlap=0)
     stats = main(cfg)
     first = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert sorted(first) == ["prepare_stats.json", "train.json", "val.json"] and "seconds" in stats
+    heldout = ["heldout.json"] if stats["heldout_queries"] else []  # these short documents may give none
+    assert sorted(first) == [*heldout, "prepare_stats.json", "train.json", "val.json"] and "seconds" in stats
     assert "seconds" not in json.loads(first["prepare_stats.json"])
     main(cfg)  # same inputs, same bytes: scripts/pipeline.py's hash of the folder does not change
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
@@ -118,7 +121,7 @@ def test_qa_file_becomes_pairs(tmp_path, sample_qa):
 def test_llm_junk_is_counted_and_nothing_half_written(tiny_mistral, two_docs, tmp_path, caplog):
     cache = tmp_path / "cache.jsonl"
     cfg = PrepareConfig(docs=[two_docs], out=tmp_path / "out", llm=str(tiny_mistral), chunk_tokens=40, chunk_overlap=0,
-                        max_chunks=1, questions_per_chunk=1, max_new_tokens=12, cache=cache)
+                        max_chunks=1, questions_per_chunk=1, max_new_tokens=12, cache=cache, heldout_fraction=0)
     caplog.set_level("INFO")
     with pytest.raises(TuneragError, match="no usable queries on the train side") as e:
         main(cfg)  # random weights write no questions
@@ -136,7 +139,7 @@ def test_llm_junk_is_counted_and_nothing_half_written(tiny_mistral, two_docs, tm
 def test_resumed_generation_equals_an_uninterrupted_one(tiny_mistral, sample_doc, tmp_path, caplog):
     full, cut = tmp_path / "full.jsonl", tmp_path / "cut.jsonl"
     cfg = PrepareConfig(docs=[sample_doc], out=tmp_path / "out", llm=str(tiny_mistral), chunk_tokens=40, chunk_overlap=0,
-                        max_chunks=3, questions_per_chunk=1, batch_size=2, max_new_tokens=8, cache=full)
+                        max_chunks=3, questions_per_chunk=1, batch_size=2, max_new_tokens=8, cache=full, heldout_fraction=0)
     caplog.set_level("INFO")
     with pytest.raises(TuneragError):  # random weights: no questions, but every output is cached
         main(cfg)
@@ -157,7 +160,7 @@ def test_resumed_generation_equals_an_uninterrupted_one(tiny_mistral, sample_doc
 
 def test_smollm2_writes_questions_and_resumes_from_cache(smollm2_path, two_docs, tmp_path):
     cfg = PrepareConfig(docs=[two_docs], out=tmp_path / "a", chunk_tokens=40, chunk_overlap=0, max_chunks=1,
-                        max_new_tokens=40, cache=tmp_path / "cache.jsonl")
+                        max_new_tokens=40, cache=tmp_path / "cache.jsonl", heldout_fraction=0)
     stats = main(cfg)
     llm = stats["llm"]
     assert llm["prompts"] == llm["generated"] == 4 and llm["parsed"]["kept"] >= 3  # 2 sentences x 2 chunks

@@ -146,7 +146,7 @@ def test_a_killed_prepare_leaves_a_temp_folder_that_the_next_run_removes(tmp_pat
     assert not out.exists()
     caplog.set_level(logging.INFO)
     main(PrepareConfig(docs=[sample_doc], out=out, generator="ict"))
-    assert temps(tmp_path) == [] and sorted(os.listdir(out)) == ["prepare_stats.json", "train.json", "val.json"]
+    assert temps(tmp_path) == [] and sorted(os.listdir(out)) == ["heldout.json", "prepare_stats.json", "train.json", "val.json"]
     assert any("killed runs" in r.getMessage() and left[0] in r.getMessage() for r in caplog.records)
 
 
