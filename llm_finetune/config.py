@@ -33,6 +33,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lora_dropout": 0.05,
         "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
         "train_head": True,
+        "gradient_checkpointing": True,
         "eval_steps": 200,
         "save_steps": 200,
         "logging_steps": 10,
@@ -99,6 +100,8 @@ class TrainConfig:
     lora_targets: list[str] | None = field(default=None, metadata=_h(
         "Module names that get LoRA (repeatable; preset: q_proj k_proj v_proj o_proj)."))
     train_head: bool | None = field(default=None, metadata=_h("Train the lm_head too (float32, saved with the adapter)."))
+    gradient_checkpointing: bool | None = field(default=None, metadata=_h(
+        "Recompute activations in the backward pass (less memory, more compute; preset: on)."))
     eval_steps: int | None = field(default=None, metadata=_h("Evaluate loss and perplexity every N steps."))
     save_steps: int | None = field(default=None, metadata=_h("Checkpoint every N steps."))
     logging_steps: int | None = field(default=None, metadata=_h("Log the training loss every N steps."))

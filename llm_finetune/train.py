@@ -82,7 +82,7 @@ def load_qlora_model(cfg: TrainConfig, base_path: str, cuda: bool):
         device_map={"": PartialState().local_process_index} if cuda else None,
     )
     disable_cpu_inference_packing(model)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
                       target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM",
@@ -147,7 +147,7 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, train_set, val_set, cuda: b
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         optim="paged_adamw_8bit" if cuda else "adamw_torch", bf16=cuda,
         # gradient checkpointing (non-reentrant); transformers 5 names it activation checkpointing
-        activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=cfg.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=cfg.keep_checkpoints, logging_steps=cfg.logging_steps, report_to="none",
         seed=cfg.seed, data_seed=cfg.seed, remove_unused_columns=False,

@@ -39,7 +39,7 @@ logger = logging.getLogger("bench_rag")
 class BenchRagConfig:
     """python scripts/bench_rag.py: retrieval and answer figures per retriever and context mode, on the shipped corpora."""
 
-    corpus: list[str] = field(default_factory=lambda: ["sample", "long"], metadata={"help": "sample and/or long (repeat)."})
+    corpus: list[str] = field(default_factory=lambda: ["sample", "long"], metadata={"help": "sample, long and/or policy (repeat; see tunerag.samples.CORPORA)."})
     split: Literal["heldout", "tune", "all"] = field(default="heldout", metadata={
         "help": "Which half of each question set: tune (to choose defaults) or heldout (to report)."})
     retrievers: list[str] = field(default_factory=lambda: ["dense", "bm25", "hybrid"], metadata={

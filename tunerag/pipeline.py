@@ -307,6 +307,9 @@ answered (not "I don't know"); *declined*: of those whose passages do not hold i
 
 Generator `{cfg.generator}`; {emb_metrics["data"]["train_pairs"]} training pairs, {emb_metrics["steps"]} steps,
 {emb_metrics["pairs_per_second"]} pairs/s; best checkpoint by validation NDCG@10: {emb_metrics.get("best_checkpoint")}.
+Base vs that checkpoint, per-query NDCG@10 ({"; ".join(f"{name}: {c['base']:.4f} -> {c['tuned']:.4f}, gain {c['gain']:+.4f}, "
+f"noise {c['se']:.4f}, {c['queries']} queries" for name, c in emb_metrics.get("checks", {}).items())}):
+**`emb-tuned` holds the {"fine-tuned model" if emb_metrics.get("kept", "tuned") == "tuned" else "base model, unchanged (the fine-tune did not beat it beyond noise)"}**.
 
 ![Embedder base vs tuned](plots/embedder_base_vs_tuned.png)
 ![Embedding fine-tune loss](plots/embedder_loss.png)
@@ -432,7 +435,7 @@ def main(cfg: PipelineConfig) -> dict:
 
     finetune_cfg = FinetuneConfig(train=pairs / "train.json", val=pairs / "val.json", model=cfg.embedder, out=emb_tuned,
                                   **({"epochs": cfg.emb_epochs} if cfg.emb_epochs else {}))
-    run_step(manifest, cfg, "emb_finetune", asdict(finetune_cfg), [pairs / "train.json", pairs / "val.json"], [emb_tuned],
+    run_step(manifest, cfg, "emb_finetune", asdict(finetune_cfg), [pairs], [emb_tuned],
              lambda: without(emb_finetune.main(finetune_cfg), "log_history"))
 
     evaluate_cfg = EvaluateConfig(data=pairs / "val.json", model=[cfg.embedder, str(emb_tuned)])

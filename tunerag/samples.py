@@ -4,6 +4,7 @@
     finance_qa.json      66 questions about it with exact answers and passages
     finance_alpaca.json  578 finance instructions in the alpaca layout
     long/                three annual reports, a rating methodology and a bond prospectus, with questions
+    policy/              four bank policies (credit, AML/KYC, model risk, liquidity), with questions
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ SAMPLE_INSTRUCTIONS = sample_path("finance_alpaca.json")
 CORPORA = {
     "sample": (["finance_report.txt"], ["finance_qa.json"]),
     "long": (["long"], ["long/annual_reports_qa.json", "long/methodology_prospectus_qa.json"]),
+    "policy": (["policy"], ["policy/policy_qa.json"]),
 }
 
 
