@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from rag.chain import retrieval_query
+from rag.chain import is_no_answer, retrieval_query
 from rag.config import RagConfig
 from rag.context import best_unit, citations, evidence_passages, evidence_record, support
 from rag.retrieve import make_retriever, open_bm25
@@ -258,7 +258,11 @@ class Answerer:
             out["result"] = None
             return marks
         docs = out["source_documents"]
-        unit = out.pop("unit", None) or support(out["result"], out["query"], docs, self.embeddings.embed_documents)
+        unit = out.pop("unit", None)
+        if unit is None and is_no_answer(out["result"]):  # "I don't know": no sentence supports it
+            out["evidence"], out["citations"] = None, []
+            return marks
+        unit = unit or support(out["result"], out["query"], docs, self.embeddings.embed_documents)
         out["evidence"] = evidence_record(unit, docs)
         out["citations"] = citations(out["result"], len(docs), out["evidence"])
         return marks

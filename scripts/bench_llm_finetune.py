@@ -55,6 +55,12 @@ class BenchConfig:
     data_weight: list[float] = field(default_factory=lambda: [4.0, 1.0], metadata={
         "help": "--answers: shares of grounded data and of the shipped instructions."})
     lr: float | None = field(default=None, metadata={"help": "--answers: learning rate (default: the preset's)."})
+    lora_alpha: int | None = field(default=None, metadata={"help": "--answers: LoRA alpha (default: the preset's)."})
+    qa_tune: bool = field(default=True, metadata={
+        "help": "--answers: rag.raft also gets each corpus's hand-written tune-half questions (--qa-file); the "
+                "held-out half is never trained on."})
+    eval_questions: int = field(default=0, metadata={
+        "help": "--answers: answer only the first N held-out questions per corpus (0: all; generation is slow on CPU)."})
     foreign_questions: int = field(default=20, metadata={
         "help": "--answers: held-out questions of the other corpus asked per corpus (their answers are absent)."})
 
@@ -160,6 +166,11 @@ def phase_answers(eval_cfg, spec: str, corpus_items: list, persist_dir: Path) ->
     return bench_llm(eval_cfg, spec, eval_cfg.embeddings[0], corpus_items, persist_dir)
 
 
+def spread(items: list, n: int) -> list:
+    """n items taken at an even stride (every document of a corpus is represented); all when n is 0."""
+    return items if not n or n >= len(items) else [items[i * len(items) // n] for i in range(n)]
+
+
 def grounded(cfg: BenchConfig) -> dict:
     """The --answers benchmark (see the module docstring)."""
     from llm_finetune.config import MergeConfig, TrainConfig
@@ -173,14 +184,19 @@ def grounded(cfg: BenchConfig) -> dict:
     raft_stats = {}
     if not grounded_rows.is_file():
         for corpus, n in zip(cfg.corpus, cfg.raft_questions):
+            qa_file = None
+            if cfg.qa_tune:
+                qa_file = workdir / f"tune_{corpus}.json"
+                qa_file.write_text(json.dumps(corpus_questions(corpus, "tune")))
             raft_stats[corpus] = in_fresh_process(phase_raft, RaftConfig(
                 docs=corpus_files(corpus), out=workdir / f"raft_{corpus}.jsonl", questions=n, p_missing=cfg.p_missing,
-                persist_dir=workdir / "chroma", seed=cfg.seed))
+                qa_file=qa_file, persist_dir=workdir / "chroma", seed=cfg.seed))
         grounded_rows.write_text("".join((workdir / f"raft_{c}.jsonl").read_text() for c in cfg.corpus))
     overrides = {"max_steps": cfg.max_steps} if cfg.max_steps else {}
     train_cfg = TrainConfig(preset=cfg.preset, out=str(workdir / "run"), seed=cfg.seed,
                             data=[str(grounded_rows), str(SAMPLE_INSTRUCTIONS)], data_weight=list(cfg.data_weight),
-                            **overrides, **({"lr": cfg.lr} if cfg.lr else {}))
+                            **overrides, **({"lr": cfg.lr} if cfg.lr else {}),
+                            **({"lora_alpha": cfg.lora_alpha} if cfg.lora_alpha else {}))
     if not (workdir / "run" / "adapter_config.json").is_file():
         metrics = in_fresh_process(phase_ours, train_cfg)
     else:
@@ -191,10 +207,11 @@ def grounded(cfg: BenchConfig) -> dict:
     results = {}
     for i, corpus in enumerate(cfg.corpus):
         other = cfg.corpus[(i + 1) % len(cfg.corpus)]
-        sets = {"heldout": corpus_questions(corpus, "heldout")}
+        heldout = corpus_questions(corpus, "heldout")
+        sets = {"heldout": spread(heldout, cfg.eval_questions)}
         if other != corpus and cfg.foreign_questions:
-            sets["foreign"] = corpus_questions(other, "heldout")[: cfg.foreign_questions]
-        eval_cfg = RagEvalConfig(file=corpus_files(corpus), gen_questions=10_000, max_new_tokens=64, seed=0)
+            sets["foreign"] = spread(corpus_questions(other, "heldout"), cfg.foreign_questions)
+        eval_cfg = RagEvalConfig(file=corpus_files(corpus), gen_questions=10_000, max_new_tokens=48, seed=0)
         for name, items in sets.items():
             for label, spec in (("base", train_cfg.base_model), ("tuned", str(merged))):
                 results[f"{corpus}/{name}/{label}"] = in_fresh_process(phase_answers, eval_cfg, spec, items,
