@@ -34,7 +34,7 @@ class RagEvalConfig:
     max_new_tokens: int = field(default=64, metadata={"help": "Longest answer; the expected answers are short figures."})
     gen_questions: int = field(default=66, metadata={"help": "Answer only the first N questions with each LLM (generation is slow on CPU)."})
     retriever: str = field(default="hybrid", metadata={"help": "As rag.cli --retriever."})
-    bm25_weight: float = field(default=2.0, metadata={"help": "As rag.cli --bm25-weight."})
+    bm25_weight: float = field(default=3.0, metadata={"help": "As rag.cli --bm25-weight."})
     dtype: str = field(default="auto", metadata={"help": "As rag.cli --dtype."})
     context: str = field(default="sentences", metadata={"help": "As rag.cli --context."})
     context_tokens: int = field(default=160, metadata={"help": "As rag.cli --context-tokens."})

@@ -51,7 +51,7 @@ class BenchRagConfig:
     embeddings: str = field(default=MINILM, metadata={"help": "Embedder."})
     llm: str = field(default=SMOLLM2, metadata={"help": "LLM."})
     k: int = field(default=4, metadata={"help": "Passages per question given to the LLM."})
-    bm25_weight: float = field(default=2.0, metadata={"help": "As rag.cli --bm25-weight."})
+    bm25_weight: float = field(default=3.0, metadata={"help": "As rag.cli --bm25-weight."})
     context_tokens: int = field(default=160, metadata={"help": "As rag.cli --context-tokens."})
     max_new_tokens: int = field(default=48, metadata={"help": "Longest answer; the expected answers are short figures."})
     gen_questions: int = field(default=0, metadata={"help": "Answer only the first N questions per corpus (0: all)."})
