@@ -102,9 +102,10 @@ def test_wheel_installs_and_answers_from_an_empty_folder(tmp_path, tunerag_home)
     assert subprocess.run([tunerag, "pipeline", "--help"], cwd=empty, env=env, capture_output=True,
                           timeout=120).returncode == 0
     preset = subprocess.run([str(python), "-c", "from llm_finetune.config import TrainConfig; "
-                             "print(TrainConfig(preset='smollm2-cpu').data)"], cwd=empty, env=env, capture_output=True,
+                             "print(TrainConfig(preset='smollm2-cpu').data[0])"], cwd=empty, env=env, capture_output=True,
                             text=True, check=True)
     assert preset.stdout.strip().startswith(str(env_dir)) and Path(preset.stdout.strip()).is_file()
     samples = subprocess.run([tunerag, "samples"], cwd=empty, env=env, capture_output=True, text=True, timeout=60)
     assert "finance_alpaca.json" in samples.stdout and samples.stdout.startswith(str(env_dir))
+    assert "policy/policy_qa.json" in samples.stdout  # every shipped corpus is in the wheel
     assert sorted(p.name for p in empty.iterdir()) == ["chroma_db"]

@@ -126,7 +126,8 @@ def test_pipeline_passes_the_store_flags_to_every_rag_config(monkeypatch, tmp_pa
 
     def record(bench, spec, items, store, **kw):
         seen.append(bench.rag_config(embeddings=spec, persist_dir=store))
-        return {"recall@4": 1.0, "questions": 1, "answer_match": 1.0, "first_token_median_s": 0.0,
+        return {"recall@4": 1.0, "questions": 1, "answer_match": 1.0, "evidence_match": 1.0,
+                "answered_when_in_passages": 1.0, "declined_when_not_in_passages": None, "first_token_median_s": 0.0,
                 "tokens_per_s_median": 0.0, "answers": []}
 
     monkeypatch.setattr(evaluate, "bench_embedder", record)
