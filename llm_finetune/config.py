@@ -40,9 +40,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 # SmolLM2-135M, sized for a 2-core CPU: 40 steps of 8 examples of up to 512 tokens (a grounded
-# rag.raft example is ~315 tokens) take ~12 minutes on an idle machine (18 s a step, measured). By
-# itself it trains on the shipped 578 finance instructions; the pipeline (and scripts/bench_llm_finetune.py
-# --answers) gives it the grounded data of your documents mixed with them. SmolLM2 is a Llama, so the same
+# rag.raft example is ~315 tokens; 256 dropped them). Measured: 25-35 s a step on grounded + instruction
+# mixes with the machine partly busy, so ~20 minutes; the shipped instructions alone are shorter. By
+# itself it trains on the shipped 578 finance instructions; `--data grounded.jsonl --data ...` (or the
+# pipeline's --llm-data) gives it the grounded data of your documents mixed with them. SmolLM2 is a Llama, so the same
 # attention projections are the LoRA targets. A small validation split: on the CPU, evaluation of the
 # 4-bit model costs about as much per example as training.
 PRESETS["smollm2-cpu"] = {

@@ -25,7 +25,8 @@ def tiny_run(tmp_path_factory, tiny_inputs, tiny_bert, tiny_mistral):
     docs, qa, alpaca = tiny_inputs
     cfg = PipelineConfig(docs=[docs], out=tmp_path_factory.mktemp("run") / "demo", questions=qa, instructions=alpaca,
                          embedder=str(tiny_bert), llm=str(tiny_mistral), max_chunks=6, emb_epochs=1,
-                         llm_max_steps=2, rag_questions=2, max_new_tokens=4, raft_questions=6, question_llm="smollm2")
+                         llm_max_steps=2, rag_questions=2, max_new_tokens=4, raft_questions=6, question_llm="smollm2",
+                         llm_data="both")
     return cfg, main(cfg)
 
 
