@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from tunerag.models import MINILM, SMOLLM2
 
@@ -104,3 +104,8 @@ class RagConfig:
         self.chroma_url = check_url("--chroma-url", self.chroma_url) if self.chroma_url is not None else None
         self.llm_url = check_url("--llm-url", self.llm_url) if self.llm_url is not None else None
         parse_headers(self.chroma_header)
+
+
+def rag_default(name: str) -> Any:
+    """rag.cli's default for flag `name`: the commands and benchmarks that mirror its flags read it here."""
+    return next(f.default for f in fields(RagConfig) if f.name == name)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rag.config import RagConfig
+from rag.config import RagConfig, rag_default
 from tunerag.models import MINILM, SMOLLM2
 from tunerag.samples import SAMPLE_QA, SAMPLE_REPORT
 
@@ -28,16 +28,16 @@ class RagEvalConfig:
     file: list[Path] = field(default_factory=lambda: [SAMPLE_REPORT], metadata={
         "help": "Document(s) or folder(s) to index (repeat)."})
     qa: Path = field(default=SAMPLE_QA, metadata={"help": "Questions with answer and passage."})
-    k: int = field(default=4, metadata={"help": "Passages per question."})
-    chunk_size: int = field(default=512, metadata={"help": "As rag.cli (capped at the embedder's limit)."})
-    chunk_overlap: int = field(default=50, metadata={"help": "As rag.cli."})
+    k: int = field(default=rag_default("k"), metadata={"help": "Passages per question."})
+    chunk_size: int = field(default=rag_default("chunk_size"), metadata={"help": "As rag.cli (capped at the embedder's limit)."})
+    chunk_overlap: int = field(default=rag_default("chunk_overlap"), metadata={"help": "As rag.cli."})
     max_new_tokens: int = field(default=64, metadata={"help": "Longest answer; the expected answers are short figures."})
     gen_questions: int = field(default=66, metadata={"help": "Answer only the first N questions with each LLM (generation is slow on CPU)."})
-    retriever: str = field(default="hybrid", metadata={"help": "As rag.cli --retriever."})
-    bm25_weight: float = field(default=3.0, metadata={"help": "As rag.cli --bm25-weight."})
+    retriever: str = field(default=rag_default("retriever"), metadata={"help": "As rag.cli --retriever."})
+    bm25_weight: float = field(default=rag_default("bm25_weight"), metadata={"help": "As rag.cli --bm25-weight."})
     dtype: str = field(default="auto", metadata={"help": "As rag.cli --dtype."})
-    context: str = field(default="sentences", metadata={"help": "As rag.cli --context."})
-    context_tokens: int = field(default=160, metadata={"help": "As rag.cli --context-tokens."})
+    context: str = field(default=rag_default("context"), metadata={"help": "As rag.cli --context."})
+    context_tokens: int = field(default=rag_default("context_tokens"), metadata={"help": "As rag.cli --context-tokens."})
     answer: str = field(default="llm", metadata={"help": "As rag.cli --answer."})
     seed: int = field(default=0, metadata={"help": "Seed (decoding is greedy)."})
 

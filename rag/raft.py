@@ -24,28 +24,23 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from embeddings.prepare import document_chunks, sentence_questions
 from llm_finetune.data import load_rows
-from rag.chain import NO_ANSWER, count_tokens, fit_prompt, prompt_messages
-from rag.config import RagConfig
+from rag.chain import NO_ANSWER, count_tokens, prompt_messages
+from rag.config import RagConfig, rag_default
 from rag.context import evidence_passages
 from rag.metrics import answer_matches, squash
-from tunerag.common import TuneragError, run_cli, stable_rng, tunerag_home
+from tunerag.common import TuneragError, run_cli, stable_rng, tunerag_home, write_text_atomic
 from tunerag.models import MINILM, SMOLLM2
 
 logger = logging.getLogger(__name__)
 
 MAX_PER_CHUNK = 3  # questions per chunk at most, when the documents have fewer chunks than --questions
-
-
-def rag_default(name: str) -> Any:
-    return next(f.default for f in fields(RagConfig) if f.name == name)
 
 
 @dataclass
@@ -160,11 +155,12 @@ class Builder:
         self.tokenizer = load_tokenizer(resolve_llm(cfg.llm))
 
     def passages(self, question: str, docs: list[Any]) -> list[Any]:
+        """What rag.cli's chain puts in the prompt (examples longer than llm_finetune.train's --max-length
+        are dropped there, as the chain drops passages a short context window has no room for)."""
         if self.cfg.context == "sentences":
             docs = evidence_passages(question, docs, self.answerer.embeddings.embed_documents,
                                      lambda text: count_tokens(self.tokenizer, text), self.cfg.context_tokens)
-        _, kept = fit_prompt(self.tokenizer, docs, question, 1 << 30)
-        return kept
+        return docs
 
     def example(self, question: str, evidence: str | None, answer: str | None, split: str) -> tuple[dict | None, str]:
         """(row, what happened): one chat row, or None with the reason it was skipped."""
@@ -243,21 +239,6 @@ def qa_questions(cfg: RaftConfig) -> tuple[list[tuple[str, str | None, str, str]
     return items, bad
 
 
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise TuneragError(f"cannot write --out {str(path)!r}: {e.strerror or e}") from None
-
-
 def main(cfg: RaftConfig) -> dict:
     from tqdm.auto import tqdm
 
@@ -286,7 +267,10 @@ def main(cfg: RaftConfig) -> dict:
             rows.append(row)
     if not any(r["split"] == "train" for r in rows):
         raise TuneragError(f"no training examples could be built ({counts})")
-    write_jsonl_atomic(cfg.out, rows)
+    try:
+        write_text_atomic(cfg.out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    except OSError as e:
+        raise TuneragError(f"cannot write --out {str(cfg.out)!r}: {e.strerror or e}") from None
     stats.update(rows=len(rows), train=sum(r["split"] == "train" for r in rows),
                  val=sum(r["split"] == "val" for r in rows), kinds=counts, seconds=round(time.perf_counter() - started, 1))
     logger.info("wrote %s: %d rows (%d train, %d val): %d answer the question, %d without the answering passage (target "

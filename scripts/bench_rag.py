@@ -27,6 +27,7 @@ from typing import Literal
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runs from a checkout without an install
 
+from rag.config import rag_default  # noqa: E402
 from rag.evaluate import RagEvalConfig, bench_embedder, bench_llm  # noqa: E402
 from tunerag.common import run_cli  # noqa: E402
 from tunerag.models import MINILM, SMOLLM2  # noqa: E402
@@ -50,9 +51,9 @@ class BenchRagConfig:
                 "is the old path, @float32 beside the default (auto: bfloat16 where the CPU has it) checks the fast path."})
     embeddings: str = field(default=MINILM, metadata={"help": "Embedder."})
     llm: str = field(default=SMOLLM2, metadata={"help": "LLM."})
-    k: int = field(default=4, metadata={"help": "Passages per question given to the LLM."})
-    bm25_weight: float = field(default=3.0, metadata={"help": "As rag.cli --bm25-weight."})
-    context_tokens: int = field(default=160, metadata={"help": "As rag.cli --context-tokens."})
+    k: int = field(default=rag_default("k"), metadata={"help": "Passages per question given to the LLM."})
+    bm25_weight: float = field(default=rag_default("bm25_weight"), metadata={"help": "As rag.cli --bm25-weight."})
+    context_tokens: int = field(default=rag_default("context_tokens"), metadata={"help": "As rag.cli --context-tokens."})
     max_new_tokens: int = field(default=48, metadata={"help": "Longest answer; the expected answers are short figures."})
     gen_questions: int = field(default=0, metadata={"help": "Answer only the first N questions per corpus (0: all)."})
     seed: int = field(default=0, metadata={"help": "Seed (decoding is greedy)."})

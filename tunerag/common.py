@@ -56,18 +56,25 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
-def write_json_atomic(path: Path, data: object) -> None:
-    """Write JSON (paths and other objects as strings) to a temp file beside `path` and rename it in, so a crash never leaves half a file."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temp file beside `path`, flushed to disk, and rename it in, so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=1, default=str)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """write_text_atomic of JSON (paths and other objects as strings)."""
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=1, default=str))
 
 
 # --- folders replaced whole -------------------------------------------------------------------
