@@ -177,18 +177,15 @@ def context_window(model, tokenizer) -> int:
 
 
 class StopFlag:
-    """Ends generation at the next token once set: Ctrl-C in the session stops the answer, and the
-    generation thread that HuggingFacePipeline.stream starts does not run on to --max-new-tokens.
+    """Ends generation at the next token once set: Ctrl-C in the session stops the answer, a client
+    that leaves rag.serve stops its answer, and a remote answer's stream ends.
 
-    It is a logits processor (forcing end-of-sequence) because the pipeline keeps construction-time
-    logits processors on every call, while `stream` replaces any stopping criteria it is given.
-    `running` is held by whichever thread runs the pipeline, for the whole generation; `failure` holds
-    what a streamed generation raised in its thread (see make_llm)."""
+    It is a logits processor (forcing end-of-sequence), so a thread other than the one writing can stop
+    it. `running` is held by whichever thread writes an answer, for the whole answer."""
 
     def __init__(self, eos_token_id: int):
         self.event = threading.Event()
         self.running = threading.Lock()
-        self.failure: Exception | None = None
         self.eos_token_id = eos_token_id
 
     def __call__(self, input_ids, scores):
@@ -198,8 +195,8 @@ class StopFlag:
         return scores
 
     def ready_for_next(self) -> None:
-        """Wait until a stopped answer's generation thread has ended, then let the next one run: cleared
-        any earlier, the flag would let that thread run on beside the next answer."""
+        """Wait until a stopped answer has ended, then let the next one run: cleared any earlier, the
+        flag would let that answer run on beside the next one."""
         if not self.running.acquire(blocking=False):
             logger.info("waiting for the stopped answer to end")
             self.running.acquire()
@@ -207,24 +204,6 @@ class StopFlag:
             self.event.clear()
         finally:
             self.running.release()
-
-
-class DecodeThreads:
-    """A logits processor that switches this generation's thread to `n` torch threads once the prompt
-    has been read (its first call comes after the prefill forward); the pipeline restores the count.
-    Measured with SmolLM2-135M on a busy 2-core CPU (scripts/bench_speed.py): one decode thread gave
-    7.8 tokens/s against 7.6 with two in the streamed path, so it is an option (--decode-threads), not
-    the default: one thread would cap a larger model's memory bandwidth."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __call__(self, input_ids, scores):
-        import torch
-
-        if torch.get_num_threads() != self.n:
-            torch.set_num_threads(self.n)
-        return scores
 
 
 class NumberGuard:
@@ -281,47 +260,17 @@ class NumberGuard:
 
 
 def make_llm(model, tokenizer, *, max_new_tokens: int = 256, temperature: float = 0.0, decode_threads: int = 0,
-             grounded_numbers: bool = True):
-    """(HuggingFacePipeline over a text-generation pipeline that returns only the new text, its StopFlag).
-    `decode_threads` > 0: torch threads while writing the answer (see DecodeThreads); 0 keeps torch's count.
-    `grounded_numbers`: the NumberGuard, so every figure in an answer is one of the prompt's."""
-    import torch
-    from langchain_huggingface import HuggingFacePipeline
-    from transformers import LogitsProcessorList, TextGenerationPipeline, pipeline
+             grounded_numbers: bool = True, prefill_model=None):
+    """(LocalLLM over `model`, its StopFlag). `decode_threads` > 0: torch threads while writing the answer
+    (the prompt is read with all of them); 0 keeps torch's count. `grounded_numbers`: the NumberGuard, so
+    every figure in an answer is one of the prompt's. `prefill_model`: see LocalLLM."""
+    from rag.local_llm import LocalLLM
 
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     stop = StopFlag(eos)
     processors = [stop, NumberGuard(tokenizer)] if grounded_numbers else [stop]
-    threads = torch.get_num_threads()
-    if decode_threads > 0 and decode_threads != threads:
-        processors.append(DecodeThreads(decode_threads))
-
-    class StoppablePipeline(TextGenerationPipeline):
-        def __call__(self, *args, **kwargs):
-            with stop.running:
-                for processor in processors:  # a new answer: per-prompt state starts again
-                    getattr(processor, "reset", lambda: None)()
-                torch.set_num_threads(threads)  # per OS thread: the prompt of each answer gets all of them
-                try:
-                    return super().__call__(*args, **kwargs)
-                except Exception as e:
-                    if kwargs.get("streamer") is None:
-                        raise
-                    # In HuggingFacePipeline.stream's thread: hand the error to the reader and end its
-                    # stream now, or it waits out the streamer's 60 s timeout and blames a slow LLM.
-                    stop.failure = e
-                    kwargs["streamer"].end()
-                finally:
-                    torch.set_num_threads(threads)
-
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    generator = pipeline(
-        "text-generation", model=model, tokenizer=tokenizer, pipeline_class=StoppablePipeline,
-        return_full_text=False, max_new_tokens=max_new_tokens,
-        # The chat template already wrote the BOS (<s> for Mistral); the tokenizer must not add a second.
-        # A construction-time preprocess setting, so it holds for invoke and for stream alike.
-        add_special_tokens=False,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
-        logits_processor=LogitsProcessorList(processors), **sampling)
-    return HuggingFacePipeline(pipeline=generator), stop
+    llm = LocalLLM(model=model, tokenizer=tokenizer, processors=processors, max_new_tokens=max_new_tokens,
+                   temperature=temperature, eos_token_id=eos, stop=stop, decode_threads=decode_threads,
+                   prefill_model=prefill_model)
+    return llm, stop

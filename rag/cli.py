@@ -15,7 +15,6 @@ import atexit
 import gc
 import json
 import logging
-import queue
 import sys
 import time
 from pathlib import Path
@@ -29,8 +28,6 @@ from tunerag.common import TuneragError, first_line, run_cli, tunerag_home
 
 logger = logging.getLogger(__name__)
 
-# langchain's HuggingFacePipeline.stream waits this long for each token (fixed in the library).
-STREAM_TOKEN_TIMEOUT_S = 60
 HELP = ("/sources shows the passages behind the last answer; /new starts a new conversation; /quit or Ctrl-D "
         "leaves; Ctrl-C stops an answer.")
 HISTORY_TURNS = 3  # earlier (question, answer) pairs a follow-up is read with
@@ -97,7 +94,6 @@ def ask(chain, question: str, out: dict, on_token: Callable[[str], None] | None 
     Ctrl-C still has its passages. `stop` is the LLM's StopFlag (rag.chain.make_llm), if there is one."""
     if stop is not None:
         stop.ready_for_next()
-        stop.failure = None
     t0 = time.perf_counter()
     marks: dict[str, float] = {}
     out.update(query=question, result="", source_documents=[])
@@ -117,17 +113,10 @@ def ask(chain, question: str, out: dict, on_token: Callable[[str], None] | None 
                 if on_token:
                     on_token(chunk["result"])
         finished = True
-    except queue.Empty:  # the library's streamer gave up waiting; its generation thread is still busy
-        raise TuneragError(
-            f"the LLM gave no token for {STREAM_TOKEN_TIMEOUT_S} s, the most the streaming in langchain-huggingface "
-            "waits (a large --llm on CPU reads a long prompt this slowly); use a smaller --llm or a GPU, "
-            "or shorten the prompt with a lower --k or --chunk-size") from None
     finally:
         if not finished and stop is not None:
-            stop.event.set()  # first: closing the stream waits until the generation thread ends
+            stop.event.set()  # a remote answer's thread, or a server's, ends at its next token
         stream.close()  # on Ctrl-C: unwinds the pipeline's stream
-    if stop is not None and stop.failure is not None:  # raised in the generation thread
-        raise stop.failure
     out["result"] = out["result"].strip()
     return marks
 
@@ -221,22 +210,23 @@ class Answerer:
 
             chain, self.stop = remote_answer_chain(cfg, self.retriever, self.embeddings)
             return chain
-        from tunerag.models import pick_dtype
+        from tunerag.models import llm_dtypes, prefill_copy
 
+        weights, reader = llm_dtypes(cfg.dtype)
         try:
-            # from_pretrained's "auto" is the checkpoint's dtype (float32 for SmolLM2); --dtype auto picks
-            # bfloat16 on a CPU with AMX/AVX512-BF16, where it reads the prompt ~3x faster
-            model, tokenizer = self.loaded(("llm", cfg.llm, cfg.dtype),
-                                           lambda: load_llm(cfg.llm, dtype=pick_dtype(cfg.dtype) or "auto"))
+            # from_pretrained's "auto" is the checkpoint's dtype (float32 for SmolLM2); --dtype auto on a CPU
+            # with AMX/AVX512-BF16 reads the prompt with a bfloat16 copy (~3x faster) and writes in float32
+            model, tokenizer = self.loaded(("llm", cfg.llm, weights), lambda: load_llm(cfg.llm, dtype=weights or "auto"))
         except (OSError, ValueError, KeyError) as e:
             raise TuneragError(f"LLM {cfg.llm!r} could not be loaded ({first_line(e)}); pass {LLM_INSTEAD}") from None
+        prefill_model = self.loaded(("llm-reader", cfg.llm, reader), lambda: prefill_copy(model, reader))
         if cfg.temperature > 0:
             from transformers import set_seed
 
             set_seed(cfg.seed)
         self.model, self.tokenizer = model, tokenizer
         llm, self.stop = make_llm(model, tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                  decode_threads=cfg.decode_threads)
+                                  decode_threads=cfg.decode_threads, prefill_model=prefill_model)
         window = context_window(model, tokenizer)
         if window <= cfg.max_new_tokens + 64:
             raise TuneragError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in this LLM's "

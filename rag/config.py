@@ -66,8 +66,10 @@ class RagConfig:
         "help": "Print load, index, retrieve, first-token and total seconds to stderr."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling when --temperature > 0."})
     dtype: Literal["auto", "float32", "bfloat16"] = field(default="auto", metadata={
-        "help": "Weights of the embedder and the LLM: auto is bfloat16 on a CPU with bfloat16 matrix instructions "
-                "(AMX, AVX512-BF16; about 3x faster there) and float32 elsewhere; float32 or bfloat16 forces one."})
+        "help": "Weights of the embedder and the LLM: auto on a CPU with bfloat16 matrix instructions (AMX, "
+                "AVX512-BF16) embeds in bfloat16 and reads the prompt with a bfloat16 copy of the LLM (about 3x "
+                "faster there), writing the answer in float32 (faster one token at a time); float32 elsewhere; "
+                "float32 or bfloat16 forces one for both."})
     decode_threads: int = field(default=0, metadata={
         "help": "CPU threads while the LLM writes the answer (the prompt is always read with all of torch's threads); "
                 "0 keeps torch's count."})

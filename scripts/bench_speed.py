@@ -6,16 +6,17 @@ busy machine slows both alike:
   - embed: the long sample corpus chunked as rag.index does (254 MiniLM tokens, overlap 50), embedded
     with rag.index.load_embeddings in batches of rag.index.EMBED_BATCH; chunks/s, the cosine between
     the two vectors of each chunk, top-4 overlap and recall@4 (rag.metrics) on the corpus's tuning questions;
-  - prefill: a 1,000-token SmolLM2 chat prompt: time to the first streamed token through rag.chain.make_llm,
+  - prefill: a 1,000-token SmolLM2 chat prompt: time to the first streamed token through rag.chain.make_llm
+    (today: `todays_llm`, the session-4 path over langchain's HuggingFacePipeline, float32),
     the bare forward, and the matmul limit: the model's own linear layers (30 x q, k, v, o, gate, up,
     down at its shapes) as plain F.linear calls on 1,000 rows in the same dtype and threads, best of
     --repeats, compared with the best first-token time (attention's FLOPs are left out of the limit);
   - decode: greedy answers to 20 fixed RAG prompts through make_llm: tokens/s from the first to the last
     streamed chunk, and whether each answer is token-for-token the one of today's path; "new_float32" is
-    float32 with --decode-threads 1 (the lever measured, not a default);
+    the new loop on float32 alone (no bfloat16 reader: a CPU without AMX);
   - cli: `python -m rag.cli` one-shot on the sample report with a 48-token answer, wall time from the
     command's start to its exit, warm caches (one untimed run first), and the import time alone; today's
-    command is float32 with rag.cli's garbage-collector settings undone (gc.disable/gc.freeze as no-ops);
+    command is rag.cli of --baseline-rev (the first version), run from a git worktree of it;
   - finetune: embeddings.finetune's training step, float32 against bfloat16 autocast.
 One JSON object on stdout, a table on stderr; `uptime` load averages before and after each part.
 """
@@ -39,6 +40,7 @@ from tunerag.common import run_cli  # noqa: E402
 
 logger = logging.getLogger("bench_speed")
 QUESTION = "What was the year-over-year growth rate of total revenue in 2025?"
+BASELINE_REV = "1d707a1"  # the first version, before any speed work: the issue's "today"
 
 
 @dataclass
@@ -54,6 +56,8 @@ class BenchSpeedConfig:
     decode_tokens: int = field(default=48, metadata={"help": "Longest answer in the decode part."})
     embed_chunks: int = field(default=0, metadata={"help": "Embed only the first N chunks (0: all)."})
     seed: int = field(default=0, metadata={"help": "Seed (everything is greedy)."})
+    baseline_rev: str = field(default=BASELINE_REV, metadata={
+        "help": "The git commit whose rag.cli is today's command in the cli part (default: the first version)."})
 
 
 def load() -> str:
@@ -108,11 +112,29 @@ def bench_embed(cfg: BenchSpeedConfig) -> dict:
 # ---- the LLM ----
 
 def load_llms(cfg: BenchSpeedConfig):
-    from tunerag.models import load_llm, pick_dtype
+    """(today's float32 model, the new path's (writer, reader or None), tokenizer): as rag.cli loads them."""
+    from tunerag.models import llm_dtypes, load_llm, prefill_copy
 
     old, tokenizer = load_llm("smollm2", dtype="float32")
-    new, _ = load_llm("smollm2", dtype=pick_dtype(cfg.new_dtype) or "auto")
-    return old.eval(), new.eval(), tokenizer
+    weights, reader = llm_dtypes(cfg.new_dtype)
+    new = old if weights == "float32" else load_llm("smollm2", dtype=weights or "auto")[0].eval()
+    return old.eval(), (new, prefill_copy(new, reader)), tokenizer
+
+
+def todays_llm(model, tokenizer, max_new_tokens: int):
+    """The session-4 LLM path, kept here to compare with: langchain's HuggingFacePipeline over a
+    transformers text-generation pipeline (its `stream` runs `generate` in a new thread per answer)
+    with the same StopFlag and NumberGuard."""
+    from langchain_huggingface import HuggingFacePipeline
+    from transformers import LogitsProcessorList, pipeline
+
+    from rag.chain import NumberGuard, StopFlag
+
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer, return_full_text=False,
+                         max_new_tokens=max_new_tokens, add_special_tokens=False, pad_token_id=tokenizer.eos_token_id,
+                         logits_processor=LogitsProcessorList([StopFlag(tokenizer.eos_token_id), NumberGuard(tokenizer)]),
+                         do_sample=False)
+    return HuggingFacePipeline(pipeline=generator)
 
 
 def long_prompt(tokenizer, n_tokens: int) -> str:
@@ -158,17 +180,18 @@ def matmul_limit_s(model, n: int, repeats: int) -> tuple[float, float]:
     return min(times[1:]), flops  # the best repeat: the machine's capability, not its neighbours' load
 
 
-def bench_prefill(cfg: BenchSpeedConfig, old, new, tokenizer) -> dict:
+def bench_prefill(cfg: BenchSpeedConfig, old, new_pair, tokenizer) -> dict:
     import torch
 
     from rag.chain import count_tokens, make_llm
 
+    new, reader = new_pair
     prompt = long_prompt(tokenizer, cfg.prompt_tokens)
     n = count_tokens(tokenizer, prompt)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    paths = {"old": make_llm(old, tokenizer, max_new_tokens=2)[0],
-             "new": make_llm(new, tokenizer, max_new_tokens=2)[0]}
-    models = {"old": old, "new": new}
+    paths = {"old": todays_llm(old, tokenizer, max_new_tokens=2),
+             "new": make_llm(new, tokenizer, max_new_tokens=2, prefill_model=reader)[0]}
+    models = {"old": old, "new": reader or new}  # the model that reads the prompt
     ttft, forward = {"old": [], "new": []}, {"old": [], "new": []}
     for name in paths:
         first_token_s(paths[name], prompt)  # warm-up
@@ -179,7 +202,7 @@ def bench_prefill(cfg: BenchSpeedConfig, old, new, tokenizer) -> dict:
                 t = time.perf_counter()
                 models[name](ids, logits_to_keep=1)
                 forward[name].append(time.perf_counter() - t)
-    out = {"prompt_tokens": n, "threads": threads_label(), "new_dtype": str(new.dtype)}
+    out = {"prompt_tokens": n, "threads": threads_label(), "new_dtype": str(models["new"].dtype)}
     for name in paths:
         limit, flops = matmul_limit_s(models[name], n, cfg.repeats)
         out |= {f"{name}_ttft_s": round(statistics.median(ttft[name]), 3),
@@ -214,13 +237,14 @@ def stream_answer(llm, tokenizer, prompt: str) -> tuple[list[int], float | None]
     return ids, rate
 
 
-def bench_decode(cfg: BenchSpeedConfig, old, new, tokenizer) -> dict:
+def bench_decode(cfg: BenchSpeedConfig, old, new_pair, tokenizer) -> dict:
     from rag.chain import make_llm
 
+    new, reader = new_pair
     prompts = decode_prompts(tokenizer, cfg.decode_prompts)
-    paths = {"old": make_llm(old, tokenizer, max_new_tokens=cfg.decode_tokens)[0],
-             "new_float32": make_llm(old, tokenizer, max_new_tokens=cfg.decode_tokens, decode_threads=1)[0],
-             "new": make_llm(new, tokenizer, max_new_tokens=cfg.decode_tokens)[0]}
+    paths = {"old": todays_llm(old, tokenizer, cfg.decode_tokens),
+             "new_float32": make_llm(old, tokenizer, max_new_tokens=cfg.decode_tokens)[0],
+             "new": make_llm(new, tokenizer, max_new_tokens=cfg.decode_tokens, prefill_model=reader)[0]}
     stream_answer(paths["new"], tokenizer, prompts[0])  # warm-up
     rates = {k: [] for k in paths}
     answers = {k: [] for k in paths}
@@ -231,7 +255,7 @@ def bench_decode(cfg: BenchSpeedConfig, old, new, tokenizer) -> dict:
             if rate:
                 rates[name].append(rate)
     out = {"prompts": len(prompts), "max_new_tokens": cfg.decode_tokens, "threads": threads_label(),
-           "new_float32_decode_threads": 1, "new_dtype": str(new.dtype)}
+           "new_dtype": str(new.dtype), "new_reader_dtype": str(reader.dtype) if reader is not None else None}
     for name in paths:
         out[f"{name}_tokens_per_s"] = round(statistics.median(rates[name]), 2) if rates[name] else None
         out[f"{name}_same_as_old"] = sum(a == b for a, b in zip(answers[name], answers["old"])) / len(prompts)
@@ -281,34 +305,45 @@ def bench_finetune(cfg: BenchSpeedConfig) -> dict:
 # ---- the command ----
 
 def bench_cli(cfg: BenchSpeedConfig, work: Path) -> dict:
+    """Today's command is rag.cli as it was at --baseline-rev (the first version: float32, langchain's
+    HuggingFacePipeline, dense retrieval), run from a `git worktree` of that commit; the new one is this
+    checkout's. The same file, question and answer length; each has its own store."""
     from tunerag.samples import SAMPLE_REPORT
 
-    base = [sys.executable, "-m", "rag.cli", "--file", str(SAMPLE_REPORT), "-q", QUESTION, "--max-new-tokens", "48",
-            "--persist-dir", str(work / "db"), "--timings"]
-    # today's command: float32, and rag.cli's garbage-collector settings undone (gc.disable/freeze made no-ops)
-    today = ("import gc, runpy, sys; gc.disable = gc.freeze = lambda: None; sys.argv = ['rag.cli', *sys.argv[1:]]; "
-             "runpy.run_module('rag.cli', run_name='__main__')")
-    commands = {"old": [sys.executable, "-c", today, *base[3:], "--dtype", "float32"], "new": base + ["--dtype", cfg.new_dtype]}
+    old_tree = work / "baseline"
+    made = subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(old_tree), cfg.baseline_rev],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        raise SystemExit(f"error: --baseline-rev {cfg.baseline_rev!r}: {made.stderr.strip().splitlines()[-1]}")
+    args = ["-m", "rag.cli", "--file", str(SAMPLE_REPORT), "-q", QUESTION, "--max-new-tokens", "48", "--timings"]
+    commands = {"old": ([sys.executable, *args, "--persist-dir", str(work / "db-old")], old_tree),
+                "new": ([sys.executable, *args, "--persist-dir", str(work / "db-new"), "--dtype", cfg.new_dtype], REPO)}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
-    def run(command: list[str]) -> tuple[float, str]:
+    def run(command: list[str], cwd: Path) -> tuple[float, str]:
         t = time.perf_counter()
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=True)
-        return time.perf_counter() - t, done.stdout.split("\nEvidence")[0].strip()
+        done = subprocess.run(command, cwd=cwd, env={**env, "PYTHONPATH": str(cwd)}, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"error: {' '.join(command[1:4])} in {cwd} failed: {done.stderr.strip()[-500:]}")
+        return time.perf_counter() - t, done.stdout.split("\nEvidence")[0].split("\nSources")[0].strip()
 
-    for command in commands.values():
-        run(command)  # warm: the index and the converted SmolLM2 exist, files are in the page cache
-    walls, answers = {k: [] for k in commands}, {}
-    for _ in range(cfg.repeats):
-        for name, command in commands.items():
-            seconds, answers[name] = run(command)
-            walls[name].append(seconds)
-    imports = [sys.executable, "-c", "import rag.cli, torch, transformers, sentence_transformers, "
-               "langchain_huggingface, langchain_chroma, chromadb"]
-    import_s = statistics.median(run(imports)[0] for _ in range(cfg.repeats))
+    try:
+        for command, cwd in commands.values():
+            run(command, cwd)  # warm: the index and the converted SmolLM2 exist, files are in the page cache
+        walls, answers = {k: [] for k in commands}, {}
+        for _ in range(cfg.repeats):
+            for name, (command, cwd) in commands.items():
+                seconds, answers[name] = run(command, cwd)
+                walls[name].append(seconds)
+        imports = [sys.executable, "-c", "import rag.cli, torch, transformers, sentence_transformers, "
+                   "langchain_huggingface, langchain_chroma, chromadb"]
+        import_s = statistics.median(run(imports, REPO)[0] for _ in range(cfg.repeats))
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old_tree)], capture_output=True)
     out = {name: round(statistics.median(v), 2) for name, v in walls.items()}
-    return {"old_wall_s": out["old"], "new_wall_s": out["new"], "speedup": round(out["old"] / out["new"], 2),
-            "import_s": round(import_s, 2), "old_answer": answers["old"], "new_answer": answers["new"]}
+    return {"baseline_rev": cfg.baseline_rev, "old_wall_s": out["old"], "new_wall_s": out["new"],
+            "speedup": round(out["old"] / out["new"], 2), "import_s": round(import_s, 2),
+            "old_answer": answers["old"], "new_answer": answers["new"]}
 
 
 def table(results: dict) -> str:

@@ -122,77 +122,39 @@ def answerer(store, sample_doc, tiny_mistral):
 
 @pytest.fixture
 def slow_forward(answerer):
-    """Each forward of the LLM takes at least `delay[0]` seconds; returns (delay, [(thread, start, end)])."""
-    delay, calls, starts = [0.0], [], {}
+    """Each forward of the LLM takes at least `delay[0]` seconds; returns (delay, [end time of each forward])."""
+    delay, calls = [0.0], []
     model = answerer.model
-
-    def before(*_):
-        import threading
-
-        starts[threading.current_thread()] = time.monotonic()
-        time.sleep(delay[0])
-
-    def after(*_):
-        import threading
-
-        # the Thread object, not get_ident(): a finished thread's ident is reused by the next one
-        thread = threading.current_thread()
-        calls.append((thread, starts[thread], time.monotonic()))
-
-    hooks = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+    hooks = [model.register_forward_pre_hook(lambda *_: time.sleep(delay[0])),
+             model.register_forward_hook(lambda *_: calls.append(time.monotonic()))]
     yield delay, calls
     for hook in hooks:
         hook.remove()
 
 
-def test_a_stopped_answer_ends_before_the_next_begins(answerer, slow_forward):
+def test_a_stopped_answer_ends_at_once_and_the_next_is_whole(answerer, slow_forward):
     delay, calls = slow_forward
-    delay[0] = 0.05  # 30 new tokens take 1.5 s: a generation left running would overlap the next answer
+    delay[0] = 0.05  # 30 new tokens take 1.5 s: a generation left running would go on after Ctrl-C
 
     def interrupt(_):
         raise KeyboardInterrupt  # Ctrl-C as the first words stream
 
     with pytest.raises(KeyboardInterrupt):
         answerer.ask(QUESTION, {}, on_token=interrupt)
-    stopped = calls[0][0]
+    stopped = len(calls)
+    time.sleep(0.3)
+    assert len(calls) == stopped < 30  # nothing ran on after Ctrl-C
     out: dict = {}
     answerer.ask("What was the CET1 ratio?", out)
-    first = [c for c in calls if c[0] == stopped]
-    second = [c for c in calls if c[0] != stopped]
-    assert second and len(first) < 30  # the stopped generation did not run on to --max-new-tokens
-    assert max(end for _, _, end in first) <= min(start for _, start, _ in second)
-    assert len(second) == 30 or out["result"]  # the next answer was not cut short by the old Ctrl-C
+    assert len(calls) - stopped == 30 or out["result"]  # the next answer was not cut short by the old Ctrl-C
 
 
-@pytest.fixture
-def quick_streamer(monkeypatch):
-    """langchain's 60 s wait per streamed token, shortened to 0.3 s."""
-    import transformers
-
-    class QuickStreamer(transformers.TextIteratorStreamer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "timeout": 0.3})
-
-    monkeypatch.setattr(transformers, "TextIteratorStreamer", QuickStreamer)
-
-
-def test_a_slow_first_token_is_one_clear_error(answerer, slow_forward, quick_streamer):
-    delay, calls = slow_forward
-    delay[0] = 1.0
-    with pytest.raises(TuneragError, match="the LLM gave no token for 60 s") as raised:
-        answerer.ask(QUESTION, {})
-    assert "--llm" in str(raised.value) and "\n" not in str(raised.value)
-    assert answerer.stop.running.acquire(timeout=30)  # told to stop, the generation ends at its next token
-    answerer.stop.running.release()
-    assert len(calls) <= 3
-
-
-def test_a_failure_in_the_generation_thread_is_raised_at_once(answerer, quick_streamer):
+def test_a_failure_while_writing_is_raised_and_the_next_question_works(answerer):
     def broken(*_):
         raise RuntimeError("out of memory (simulated)")
 
     hook = answerer.model.register_forward_pre_hook(broken)
-    try:  # not the streamer's timeout (0.3 s here, 60 s in the library) blaming a slow LLM
+    try:
         with pytest.raises(RuntimeError, match="out of memory"):
             answerer.ask(QUESTION, {})
     finally:

@@ -22,6 +22,11 @@ def test_pick_dtype_follows_the_cpu_and_the_flag(monkeypatch):
     assert models.pick_dtype("float32") == "float32" and models.pick_dtype("bfloat16") == "bfloat16"
     with pytest.raises(TuneragError, match="--dtype 'float16' is not one of"):
         models.pick_dtype("float16")
+    # the LLM: float32 writes, a bfloat16 copy reads the prompt, where bfloat16 is fast
+    assert models.llm_dtypes("auto") == ("float32", "bfloat16")
+    assert models.llm_dtypes("bfloat16") == ("bfloat16", None) and models.llm_dtypes("float32") == ("float32", None)
+    monkeypatch.setattr(models, "cpu_bf16_flags", lambda: set())
+    assert models.llm_dtypes("auto") == ("float32", None)
 
 
 def test_cpu_flags_are_read():
@@ -47,6 +52,44 @@ def test_embedder_dtype_paths_agree(tiny_bert, dtype):
 
 def greedy(llm, prompt: str) -> str:
     return "".join(llm.stream(prompt))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_local_llm_writes_what_generate_writes(tiny_mistral, dtype):
+    from transformers import LogitsProcessorList
+
+    from rag.chain import NumberGuard, make_llm
+
+    model, tokenizer = models.load_llm(str(tiny_mistral), dtype=dtype)
+    llm, _ = make_llm(model, tokenizer, max_new_tokens=16)
+    for prompt in ("<s>[INST] What was the CET1 ratio in 2025? [/INST]", "<s>[INST] Revenue rose 6.8% to $8.64 billion. [/INST]"):
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                                  logits_processor=LogitsProcessorList([NumberGuard(tokenizer)]),
+                                  pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
+        expected = expected[expected != tokenizer.eos_token_id]
+        assert greedy(llm, prompt) == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_a_bfloat16_reader_hands_its_cache_to_the_float32_writer(tiny_mistral):
+    from rag.chain import make_llm
+
+    model, tokenizer = models.load_llm(str(tiny_mistral), dtype="float32")
+    reader = models.prefill_copy(model, "bfloat16")
+    assert reader.dtype == torch.bfloat16 and model.dtype == torch.float32
+    assert models.prefill_copy(model, None) is None
+    llm, _ = make_llm(model, tokenizer, max_new_tokens=8, prefill_model=reader)
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, kwargs, name=name: calls.append((name, kwargs["input_ids"].shape[1])),
+                                         with_kwargs=True) for name, m in (("reader", reader), ("writer", model))]
+    try:
+        text = llm.invoke("<s>[INST] What was the CET1 ratio in 2025? [/INST]")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls[0][0] == "reader" and calls[0][1] > 1  # the prompt, read once by the copy
+    assert all(name == "writer" and n == 1 for name, n in calls[1:])  # then one token at a time
+    assert isinstance(text, str)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -343,8 +343,10 @@ def load_tokenizer(spec: str, **kwargs: Any):
 
 # --- compute dtype -----------------------------------------------------------------------
 # Measured on a 2-core AMX CPU (scripts/bench_speed.py): bfloat16 embeds MiniLM chunks ~3x faster and
-# reads a 1,000-token prompt into SmolLM2 ~3-4x faster than float32. On a CPU without bfloat16 matrix
-# instructions (AMX or AVX512-BF16), bfloat16 is emulated and slower than float32, so "auto" keeps float32.
+# reads a 1,000-token prompt into SmolLM2 ~3x faster than float32, but writes an answer slower (17.5
+# against 21.9 tokens/s: one token at a time is a matrix-vector product, and float32's is faster here).
+# On a CPU without bfloat16 matrix instructions (AMX or AVX512-BF16), bfloat16 is emulated and slower
+# than float32, so "auto" keeps float32.
 
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -372,6 +374,32 @@ def pick_dtype(choice: str = "auto") -> str | None:
     if torch.cuda.is_available():
         return None
     return "bfloat16" if cpu_bf16_flags() else "float32"
+
+
+# A bfloat16 copy to read prompts with costs half the float32 model's memory again: kept for small models.
+PREFILL_COPY_MAX_PARAMS = 2_000_000_000
+
+
+def llm_dtypes(choice: str = "auto") -> tuple[str | None, str | None]:
+    """(dtype of the LLM's weights, dtype of a copy that reads the prompt or None) for `--dtype choice`:
+    "auto" on a CPU with bfloat16 matrix instructions is float32 weights that write the answer and a
+    bfloat16 copy that reads the prompt; elsewhere as `pick_dtype`."""
+    chosen = pick_dtype(choice)
+    if choice == "auto" and chosen == "bfloat16":
+        return "float32", "bfloat16"
+    return chosen, None
+
+
+def prefill_copy(model, dtype: str | None):
+    """A `dtype` copy of `model` for reading prompts (rag.local_llm.LocalLLM), or None when `dtype` is
+    None or the model is too large to keep twice."""
+    import copy
+
+    import torch
+
+    if dtype is None or model.num_parameters() > PREFILL_COPY_MAX_PARAMS:
+        return None
+    return copy.deepcopy(model).to(getattr(torch, dtype)).eval()
 
 
 def load_llm(spec: str, **kwargs: Any):

@@ -1,0 +1,108 @@
+"""The local transformers LLM behind rag.chain.make_llm (imported when an LLM is made: it loads torch)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from langchain_core.language_models.llms import LLM
+from langchain_core.outputs import GenerationChunk
+from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TextStreamer, TopKLogitsWarper
+
+
+class TextPieces(TextStreamer):
+    """transformers' streamer (it cuts the text where a word is whole), writing into a list."""
+
+    def __init__(self, tokenizer, pieces: list[str]):
+        super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
+        self.pieces = pieces
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        if text:
+            self.pieces.append(text)
+
+
+class LocalLLM(LLM):
+    """The local transformers model as a LangChain LLM: greedy (or sampled) decoding over a KV cache, in
+    the calling thread, `stream` yielding the text as it is written.
+
+    Why not HuggingFacePipeline: its `stream` runs `generate` in a new thread for every answer, and a
+    second thread calling torch brings a second OpenMP thread team; with more OpenMP threads than cores
+    (2 here) libgomp stops spinning between operators, so each of the ~900 operators of a decode step
+    waits for sleeping workers to wake. Measured on SmolLM2-135M, 48-token answers on the 2-core CPU:
+    10.7 tokens/s through HuggingFacePipeline.stream, 21.9 with this loop, the same tokens
+    (scripts/bench_speed.py). The loop is transformers' greedy search (float32 scores, argmax, the
+    logits processors, end of sequence) with nothing else; sampling adds temperature and top-k 50, as
+    `generate(do_sample=True)` does with its default generation config.
+
+    `prefill_model`: a bfloat16 copy that reads the prompt (3x faster than float32 with AMX), whose
+    cache the float32 `model` then writes from (a bfloat16 matrix-vector product is slower than a
+    float32 one here); None reads the prompt with `model`."""
+
+    model: Any
+    tokenizer: Any
+    processors: list = []
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    eos_token_id: int
+    stop: Any = None  # the StopFlag: held while an answer is written
+    decode_threads: int = 0
+    prefill_model: Any = None
+
+    @property
+    def _llm_type(self) -> str:
+        return "tunerag-local"
+
+    def _call(self, prompt: str, stop: list[str] | None = None, run_manager=None, **kwargs: Any) -> str:
+        return "".join(chunk.text for chunk in self._stream(prompt, stop, run_manager, **kwargs))
+
+    def _stream(self, prompt: str, stop: list[str] | None = None, run_manager=None, **kwargs: Any):
+        if stop:
+            raise ValueError("stop sequences are not supported by the local LLM")
+        pieces: list[str] = []
+        streamer = TextPieces(self.tokenizer, pieces)
+        with self.stop.running:
+            for processor in self.processors:  # a new answer: per-prompt state starts again
+                getattr(processor, "reset", lambda: None)()
+            for token in self.token_ids(prompt):
+                streamer.put(token)
+                while pieces:
+                    chunk = GenerationChunk(text=pieces.pop(0))
+                    if run_manager:
+                        run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk
+            streamer.end()
+            for text in pieces:
+                yield GenerationChunk(text=text)
+
+    def token_ids(self, prompt: str):
+        """The answer's token ids (tensors of one id), one at a time, end of sequence not included."""
+        processors = LogitsProcessorList(self.processors)
+        if self.temperature > 0:
+            processors += [TemperatureLogitsWarper(self.temperature), TopKLogitsWarper(50)]
+        device = self.model.device
+        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+        threads = torch.get_num_threads()
+        try:
+            with torch.inference_mode():
+                reader = self.prefill_model or self.model
+                cache = DynamicCache(config=self.model.config)
+                out = reader(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+                if reader is not self.model:
+                    for layer in cache.layers:  # the float32 model writes on from the bfloat16 reading
+                        layer.keys, layer.values = layer.keys.to(self.model.dtype), layer.values.to(self.model.dtype)
+                if self.decode_threads > 0:
+                    torch.set_num_threads(self.decode_threads)
+                for _ in range(self.max_new_tokens):
+                    scores = processors(ids, out.logits[:, -1, :].to(dtype=torch.float32))
+                    if self.temperature > 0:
+                        token = torch.multinomial(scores.softmax(-1), num_samples=1)[:, 0]
+                    else:
+                        token = scores.argmax(-1)
+                    if token.item() == self.eos_token_id:
+                        return
+                    ids = torch.cat([ids, token[:, None]], dim=1)
+                    yield token
+                    out = self.model(input_ids=token[:, None], cache=cache, use_cache=True)
+        finally:
+            torch.set_num_threads(threads)
