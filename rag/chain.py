@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from operator import itemgetter
 from typing import Any
 
 from tunerag.common import TuneragError
@@ -141,31 +140,41 @@ def fit_prompt(tokenizer, passages: list[Any], question: str, max_prompt_tokens:
 
 def build_prompt_step(retriever, tokenizer, max_prompt_tokens: int, select=None):
     """{"query"} -> {"query", "prompt", "source_documents"}: retrieval, the optional `select(question,
-    docs) -> docs` (rag.context's evidence-first cut), and prompt fitting."""
-    from langchain_core.runnables import RunnableLambda, RunnablePassthrough
+    docs) -> docs` (rag.context's evidence-first cut), and prompt fitting. A follow-up is searched for
+    with the question before it (`retrieval_query`)."""
+    from langchain_core.runnables import RunnableLambda
 
     def fit(inputs: dict) -> dict:
-        docs = inputs["source_documents"]
+        search = inputs.get("retrieval_query") or inputs["query"]
+        docs = retriever.invoke(search)
         if select is not None:
-            docs = select(inputs.get("retrieval_query") or inputs["query"], docs)
+            docs = select(search, docs)
         prompt, kept = fit_prompt(tokenizer, docs, inputs["query"], max_prompt_tokens, inputs.get("history") or [])
         return {"query": inputs["query"], "prompt": prompt, "source_documents": kept}
 
-    def search(inputs: dict) -> str:  # a follow-up is searched for with the question before it
-        return inputs.get("retrieval_query") or inputs["query"]
-
-    return RunnablePassthrough.assign(source_documents=RunnableLambda(search) | retriever) | RunnableLambda(fit, name="fit_prompt")
+    return RunnableLambda(fit, name="fit_prompt")
 
 
 def build_chain(retriever, llm, tokenizer, max_prompt_tokens: int = 2048, select=None):
     """The chain described in the module docstring; `retriever` maps a question to Documents and
-    `llm` is any LangChain LLM that maps a prompt string to text."""
-    from langchain_core.output_parsers import StrOutputParser
-    from langchain_core.runnables import RunnablePassthrough
+    `llm` is any LangChain LLM that maps a prompt string to text.
 
-    generate = RunnablePassthrough.assign(result=itemgetter("prompt") | llm | StrOutputParser())
-    return (build_prompt_step(retriever, tokenizer, max_prompt_tokens, select) | generate).pick(
-        ["query", "result", "source_documents"])
+    Every step runs in the calling thread (a RunnableLambda, then a generator), not in the thread pool
+    that RunnablePassthrough.assign streams through: torch work in a second thread brings a second
+    OpenMP team, which halves decoding speed on a 2-core CPU (see rag.local_llm)."""
+    from langchain_core.output_parsers import StrOutputParser
+    from langchain_core.runnables import RunnableGenerator
+    from langchain_core.runnables.utils import AddableDict
+
+    write = llm | StrOutputParser()
+
+    def answer(fitted_stream):
+        for fitted in fitted_stream:  # one item: the fitted prompt and its passages
+            yield AddableDict(query=fitted["query"], source_documents=fitted["source_documents"], result="")
+            for text in write.stream(fitted["prompt"]):
+                yield AddableDict(result=text)
+
+    return build_prompt_step(retriever, tokenizer, max_prompt_tokens, select) | RunnableGenerator(answer, name="answer")
 
 
 # ---- the local LLM ----

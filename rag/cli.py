@@ -139,8 +139,10 @@ class Answerer:
         client = index.open_client(cfg.persist_dir, cfg.chroma_url, cfg.chroma_header)
         t = time.perf_counter()
         quiet_libraries()
-        embeddings, resolved = self.loaded(("embedder", cfg.embeddings, cfg.dtype),
-                                           lambda: index.load_embeddings(cfg.embeddings, dtype=cfg.dtype))
+        from rag.embedder import load_embeddings
+
+        embeddings, resolved = self.loaded(("embedder", cfg.embeddings, cfg.dtype, cfg.embed_backend),
+                                           lambda: load_embeddings(cfg.embeddings, cfg.dtype, cfg.embed_backend))
         self.timings["load_embedder"] = time.perf_counter() - t
         t = time.perf_counter()
         size = index.capped_chunk_size(cfg.chunk_size, index.embedder_max_tokens(embeddings))
@@ -151,7 +153,7 @@ class Answerer:
         store = index.open_store(client, name, embeddings,
                                  metadata={"embedder": resolved, "chunk_size": size, "chunk_overlap": overlap},
                                  persist_dir=cfg.persist_dir)
-        splitter = index.make_splitter(embeddings._client.tokenizer, size, overlap)
+        splitter = index.make_splitter(embeddings.tokenizer, size, overlap)
         # --chroma-url: no store folder here; the lock (writers on this machine) and BM25 go to a local cache.
         local = remote.cache_folder(cfg.chroma_url) if cfg.chroma_url else Path(cfg.persist_dir)
         with index.store_lock(local):  # one writer at a time; queries need no lock
@@ -183,10 +185,9 @@ class Answerer:
         return self.models[key]
 
     def retrieval_chain(self):
-        from langchain_core.runnables import RunnablePassthrough
+        from langchain_core.runnables import RunnableLambda
 
-        return RunnablePassthrough.assign(
-            source_documents=lambda x: self.retriever.invoke(x.get("retrieval_query") or x["query"]))
+        return RunnableLambda(lambda x: {**x, "source_documents": self.retriever.invoke(x.get("retrieval_query") or x["query"])})
 
     def extractive_chain(self):
         """{"query"} -> the best-matching sentence of the retrieved passages as the answer (no LLM)."""

@@ -23,6 +23,10 @@ class RagConfig:
     retrieve_only: bool = field(default=False, metadata={"help": "Return the retrieved passages only; the LLM is not loaded."})
     embeddings: str = field(default=MINILM, metadata={
         "help": f"Embedder: '{MINILM}' (embedded all-MiniLM-L6-v2), a folder from embeddings.finetune, or a hub id."})
+    embed_backend: Literal["auto", "transformers", "sentence-transformers"] = field(default="auto", metadata={
+        "help": "How the embedder runs: auto is transformers directly for a plain transformer + mean/CLS pooling "
+                "folder (the same vectors, without sentence-transformers' ~4 s import) and sentence-transformers "
+                "for anything else; either forces one."})
     llm: str = field(default=SMOLLM2, metadata={
         "help": f"LLM: '{SMOLLM2}' (embedded SmolLM2-135M-Instruct), a folder from llm_finetune.merge, or a hub id."})
     k: int = field(default=4, metadata={"help": "Passages retrieved per question (fewer reach the LLM if they overflow its context)."})

@@ -242,30 +242,11 @@ def store_advice(folder: Path) -> str:
     return f"its database is damaged (SQLite: {verdict}); delete that folder to rebuild it, or pass another --persist-dir"
 
 
-def load_embeddings(spec: str, dtype: str = "float32"):
-    """(HuggingFaceEmbeddings over our resolved embedder, normalized so cosine = dot, its resolved path).
-    `dtype`: float32, bfloat16, or auto (bfloat16 where the CPU has bfloat16 matrix instructions; see
-    tunerag.models.pick_dtype). Vectors differ by about 0.002 in cosine, so both share one collection."""
-    from langchain_huggingface import HuggingFaceEmbeddings
-
-    from tunerag.models import EMBEDDER_INSTEAD, pick_dtype, resolve_embedder
-
-    resolved = resolve_embedder(spec)
-    chosen = pick_dtype(dtype)
-    model_kwargs = {"model_kwargs": {"dtype": chosen}} if chosen not in (None, "float32") else {}
-    try:
-        embeddings = HuggingFaceEmbeddings(model_name=resolved, model_kwargs=model_kwargs,
-                                           encode_kwargs={"normalize_embeddings": True})
-    except (OSError, ValueError, KeyError) as e:
-        raise TuneragError(f"embedder {spec!r} could not be loaded ({first_line(e)}); pass {EMBEDDER_INSTEAD}") from None
-    return embeddings, resolved
-
-
 def embedder_max_tokens(embeddings) -> int | None:
     """Most tokens the embedder reads per text, minus the [CLS]/[SEP] it adds itself."""
-    model = embeddings._client  # the SentenceTransformer that HuggingFaceEmbeddings wraps
-    special = model.tokenizer.num_special_tokens_to_add() if hasattr(model.tokenizer, "num_special_tokens_to_add") else 2
-    return model.max_seq_length - special if model.max_seq_length else None
+    tokenizer = embeddings.tokenizer  # a rag.embedder.FolderEmbeddings
+    special = tokenizer.num_special_tokens_to_add() if hasattr(tokenizer, "num_special_tokens_to_add") else 2
+    return embeddings.max_seq_length - special if embeddings.max_seq_length else None
 
 
 def open_store(client, name: str, embeddings, metadata: dict[str, Any] | None = None, persist_dir: Path | None = None):

@@ -212,7 +212,7 @@ def remote_answer_chain(cfg, retriever, embeddings):
     logger.info("answers come from %s at %s", model, cfg.llm_url)
     select = None
     if cfg.context == "sentences":
-        tokenizer = embeddings._client.tokenizer
+        tokenizer = embeddings.tokenizer
 
         def select(question: str, docs: list) -> list:
             return evidence_passages(question, docs, embeddings.embed_documents,

@@ -4,7 +4,7 @@ CPU speed of the product's paths, today's (float32, torch's thread count through
 defaults (--dtype auto) side by side in ONE run, interleaved item by item so a
 busy machine slows both alike:
   - embed: the long sample corpus chunked as rag.index does (254 MiniLM tokens, overlap 50), embedded
-    with rag.index.load_embeddings in batches of rag.index.EMBED_BATCH; chunks/s, the cosine between
+    with rag.embedder.load_embeddings in batches of rag.index.EMBED_BATCH; chunks/s, the cosine between
     the two vectors of each chunk, top-4 overlap and recall@4 (rag.metrics) on the corpus's tuning questions;
   - prefill: a 1,000-token SmolLM2 chat prompt: time to the first streamed token through rag.chain.make_llm
     (today: `todays_llm`, the session-4 path over langchain's HuggingFacePipeline, float32),
@@ -76,13 +76,14 @@ def bench_embed(cfg: BenchSpeedConfig) -> dict:
     import torch
 
     from rag import index
+    from rag.embedder import load_embeddings
     from rag.metrics import recall_at_k
     from tunerag.samples import corpus_files, corpus_questions
 
-    old, _ = index.load_embeddings("minilm", dtype="float32")
-    new, _ = index.load_embeddings("minilm", dtype=cfg.new_dtype)
+    old, _ = load_embeddings("minilm", dtype="float32", backend="sentence-transformers")  # today's
+    new, _ = load_embeddings("minilm", dtype=cfg.new_dtype)
     docs = index.load_documents(corpus_files("long"))
-    splitter = index.make_splitter(old._client.tokenizer, index.embedder_max_tokens(old), 50)
+    splitter = index.make_splitter(old.tokenizer, index.embedder_max_tokens(old), 50)
     texts = [c.page_content for d in docs for c in index.split_document(d, splitter)[0]]
     texts = texts[: cfg.embed_chunks] if cfg.embed_chunks else texts
     old.embed_documents(texts[:8]), new.embed_documents(texts[:8])  # warm-up, not timed
@@ -102,7 +103,7 @@ def bench_embed(cfg: BenchSpeedConfig) -> dict:
     cos = (torch.tensor(vectors["old"]) * torch.tensor(vectors["new"])).sum(1)
     overlap = statistics.mean(len(set(a) & set(b)) / 4 for a, b in zip(scores["old"]["top"], scores["new"]["top"]))
     rate = {k: len(texts) / v for k, v in seconds.items()}
-    return {"chunks": len(texts), "questions": len(items), "new_dtype": str(new._client.dtype),
+    return {"chunks": len(texts), "questions": len(items), "new_dtype": str(new.dtype), "new_backend": new.backend,
             "old_chunks_per_s": round(rate["old"], 2), "new_chunks_per_s": round(rate["new"], 2),
             "speedup": round(rate["new"] / rate["old"], 2), "cosine_min": round(cos.min().item(), 5),
             "cosine_mean": round(cos.mean().item(), 5), "top4_overlap": round(overlap, 4),

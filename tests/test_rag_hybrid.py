@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO
 
 from rag import index
+from rag.embedder import load_embeddings
 from rag.context import citations, evidence_passages, evidence_record, split_units, support
 from rag.metrics import answer_matches, recall_at_k
 from rag.retrieve import BM25_META, all_chunks, load_bm25, make_retriever, open_bm25, rrf
@@ -27,7 +28,7 @@ CHUNK, OVERLAP = 254, 50
 
 @pytest.fixture(scope="module")
 def minilm():
-    return index.load_embeddings("minilm")
+    return load_embeddings("minilm")
 
 
 def build(folder: Path, files: list[Path], minilm, changed_check: bool = True):
@@ -35,7 +36,7 @@ def build(folder: Path, files: list[Path], minilm, changed_check: bool = True):
     name = index.collection_name("minilm", model_identity(resolved), CHUNK, OVERLAP)
     store = index.open_store(index.open_client(folder), name, embeddings)
     docs = index.load_documents(files)
-    report = index.sync_index(store, docs, index.make_splitter(embeddings._client.tokenizer, CHUNK, OVERLAP),
+    report = index.sync_index(store, docs, index.make_splitter(embeddings.tokenizer, CHUNK, OVERLAP),
                               show_progress=False)
     bm25 = open_bm25(store._collection, folder / "bm25" / name, changed=bool(report.embedded or report.removed))
     return store, docs, report, bm25, folder / "bm25" / name
@@ -170,7 +171,7 @@ def test_sigkill_during_indexing_is_repaired_by_the_next_run(tmp_path):
     rerun = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "reusing the stored vectors" in rerun.stderr or "indexed" in rerun.stderr
-    minilm = index.load_embeddings("minilm")
+    minilm = load_embeddings("minilm")
     store, docs, report, bm25, _ = build(tmp_path / "db", [Path(f) for f in files], minilm)
     ids = all_chunks(store._collection, [])["ids"]
     assert report.embedded == 0 and len(ids) == len(set(ids)) == report.chunks  # none missing, none twice

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from rag import index
+from rag.embedder import load_embeddings
 from rag.metrics import recall_at_k
 from rag.retrieve import make_retriever
 from tunerag.models import model_identity
@@ -18,13 +19,13 @@ RECALL_AT_4_FLOOR = 0.78  # measured 0.818 (54 of 66) with MiniLM, 254/50-token 
 
 @pytest.fixture(scope="module")
 def minilm():
-    embeddings, resolved = index.load_embeddings("minilm")
+    embeddings, resolved = load_embeddings("minilm")
     return embeddings, resolved
 
 
 @pytest.fixture(scope="module")
 def splitter(minilm):
-    return index.make_splitter(minilm[0]._client.tokenizer, CHUNK, OVERLAP)
+    return index.make_splitter(minilm[0].tokenizer, CHUNK, OVERLAP)
 
 
 def open_minilm_store(folder, minilm):
@@ -54,7 +55,7 @@ def test_chunks_keep_the_original_text_within_the_token_limit(sample_store, mini
     store, docs, _ = sample_store
     got = store._collection.get(include=["documents", "metadatas"])
     text = sample_doc.read_text()
-    tokenizer = minilm[0]._client.tokenizer
+    tokenizer = minilm[0].tokenizer
     for chunk, meta in zip(got["documents"], got["metadatas"]):
         assert text[meta["start_index"]:meta["start_index"] + len(chunk)] == chunk  # cased, unaltered
         assert len(tokenizer.tokenize(chunk)) <= CHUNK

@@ -45,8 +45,10 @@ def test_embedder_dtype_paths_agree(tiny_bert, dtype):
     b = model.encode(texts, normalize_embeddings=True, convert_to_tensor=True).float()
     assert (a * b).sum(1).min() > 0.99
 
-    embeddings, _ = index.load_embeddings(str(tiny_bert), dtype=dtype)
-    assert embeddings._client[0].auto_model.dtype == getattr(torch, dtype)
+    from rag.embedder import load_embeddings
+
+    embeddings, _ = load_embeddings(str(tiny_bert), dtype=dtype)
+    assert embeddings.dtype == getattr(torch, dtype)
     assert len(embeddings.embed_query("revenue growth")) == 16
 
 
