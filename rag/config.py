@@ -36,6 +36,9 @@ class RagConfig:
     bm25_weight: float = field(default=3.0, metadata={
         "help": "Weight of the BM25 ranking against the embedder's (1.0) in the hybrid fusion (3.0: best mean "
                 "answer-in-top-4 over the tuning halves of the sample and long corpora, see README)."})
+    abbreviations: bool = field(default=True, metadata={
+        "help": "Search for an abbreviation in the question with its long form too (ROA: return on assets), from the "
+                "documents' own definitions and a list of common finance ones (rag.abbreviations)."})
     context: Literal["sentences", "chunks"] = field(default="sentences", metadata={
         "help": "sentences: the LLM reads only the retrieved chunks' sentences that best match the question, up to "
                 "--context-tokens (best for small LLMs); chunks: the whole chunks."})

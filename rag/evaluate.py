@@ -36,6 +36,7 @@ class RagEvalConfig:
     retriever: str = field(default=rag_default("retriever"), metadata={"help": "As rag.cli --retriever."})
     bm25_weight: float = field(default=rag_default("bm25_weight"), metadata={"help": "As rag.cli --bm25-weight."})
     dtype: str = field(default="auto", metadata={"help": "As rag.cli --dtype."})
+    abbreviations: bool = field(default=rag_default("abbreviations"), metadata={"help": "As rag.cli --abbreviations."})
     context: str = field(default=rag_default("context"), metadata={"help": "As rag.cli --context."})
     context_tokens: int = field(default=rag_default("context_tokens"), metadata={"help": "As rag.cli --context-tokens."})
     answer: str = field(default="llm", metadata={"help": "As rag.cli --answer."})
@@ -45,7 +46,8 @@ class RagEvalConfig:
         settings = {"file": list(self.file), "question": "-", "k": self.k, "chunk_size": self.chunk_size,
                     "chunk_overlap": self.chunk_overlap, "max_new_tokens": self.max_new_tokens, "seed": self.seed,
                     "retriever": self.retriever, "bm25_weight": self.bm25_weight, "context": self.context,
-                    "context_tokens": self.context_tokens, "answer": self.answer, "dtype": self.dtype}
+                    "context_tokens": self.context_tokens, "answer": self.answer, "dtype": self.dtype,
+                    "abbreviations": self.abbreviations}
         return RagConfig(**(settings | overrides))
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from rag.abbreviations import defined_in, spelled_out
 from rag.index import ID_BATCH
 from tunerag.common import first_line, replace_folder, temp_folder
 
@@ -35,6 +36,7 @@ SENTENCE_END = re.compile(r"(?<=[.!?;])\s+(?=[\"'(\[]?[A-Z0-9$])")
 RRF_K = 60  # the constant of Cormack et al. (2009); ranks, not scores, are fused
 BM25_META = "tunerag-bm25.json"
 BM25_ROWS = "sentences"  # what one BM25 row is; an index stored with other rows is rebuilt
+BM25_FORMAT = 2  # 2: the documents' abbreviations are stored with the index
 ROWS_PER_HIT = 10  # sentence rows fetched per chunk wanted: a chunk's sentences often rank together
 
 
@@ -112,6 +114,12 @@ class Bm25Index:
     ids: list[str]
     sources: list[str]
     stem: bool
+    abbreviations: dict[str, str]  # defined in the chunks: {"NSFR": "net stable funding ratio"}
+
+    def uses(self, word: str) -> bool:
+        """Whether the indexed text has `word` (as BM25 tokenizes it)."""
+        tokens = bm25_tokens([word], self.stem)[0]
+        return bool(tokens) and all(t in self.model.vocab_dict for t in tokens)
 
     def search(self, query: str, k: int, allowed_sources: set[str] | None = None) -> list[tuple[str, float]]:
         """(chunk id, BM25 score of its best sentence) of the best `k` chunks with any query term, from
@@ -161,7 +169,7 @@ def build_bm25(collection, stem: bool = True) -> Bm25Index:
             row_sources.append(meta.get("source", ""))
     if rows:
         model.index(bm25_tokens(rows, stem), show_progress=False)
-    return Bm25Index(model, row_ids, row_sources, stem)
+    return Bm25Index(model, row_ids, row_sources, stem, defined_in(chunks["documents"]))
 
 
 def save_bm25(index: Bm25Index, folder: Path) -> None:
@@ -172,7 +180,8 @@ def save_bm25(index: Bm25Index, folder: Path) -> None:
             index.model.save(str(tmp), show_progress=False)
         chunk_ids = sorted(set(index.ids))
         meta = {"ids_sha256": ids_digest(chunk_ids), "chunk_ids": chunk_ids, "row_ids": index.ids,
-                "sources": index.sources, "stem": index.stem, "rows": BM25_ROWS}
+                "sources": index.sources, "stem": index.stem, "rows": BM25_ROWS, "format": BM25_FORMAT,
+                "abbreviations": index.abbreviations}
         (tmp / BM25_META).write_text(json.dumps(meta), encoding="utf-8")
         replace_folder(tmp, folder)
     finally:
@@ -188,7 +197,7 @@ def load_bm25(folder: Path, expected_ids: list[str], stem: bool) -> tuple[Bm25In
         return None, "missing"
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("stem") != stem or meta.get("rows") != BM25_ROWS:
+        if meta.get("stem") != stem or meta.get("rows") != BM25_ROWS or meta.get("format") != BM25_FORMAT:
             return None, "built with other tokenizer settings"
         if meta.get("ids_sha256") != ids_digest(expected_ids) or meta["chunk_ids"] != sorted(set(expected_ids)) \
                 or set(meta["row_ids"]) != set(meta["chunk_ids"]):
@@ -198,7 +207,7 @@ def load_bm25(folder: Path, expected_ids: list[str], stem: bool) -> tuple[Bm25In
             return None, "damaged (row count differs from its ids)"
     except Exception as e:  # noqa: BLE001 - any unreadable file means the same: rebuild it
         return None, f"unreadable ({first_line(e)})"
-    return Bm25Index(model, meta["row_ids"], meta["sources"], stem), ""
+    return Bm25Index(model, meta["row_ids"], meta["sources"], stem, meta["abbreviations"]), ""
 
 
 def open_bm25(collection, folder: Path, stem: bool = True, changed: bool = False) -> Bm25Index:
@@ -230,7 +239,7 @@ def rrf(rankings: dict[str, list[str]], weights: dict[str, float]) -> list[tuple
 
 
 def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mode: str = "hybrid",
-                   bm25_weight: float = 1.0, fetch_k: int | None = None):
+                   bm25_weight: float = 1.0, fetch_k: int | None = None, abbreviations: bool = True):
     from langchain_core.callbacks import CallbackManagerForRetrieverRun
     from langchain_core.documents import Document
     from langchain_core.retrievers import BaseRetriever
@@ -249,15 +258,22 @@ def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mo
         mode: Literal["hybrid", "dense", "bm25"]
         bm25_weight: float
         fetch_k: int
+        abbreviations: bool
 
         def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
+            dense_query = lexical_query = query
+            if self.abbreviations:  # "ROA" is searched for with "return on assets" too (rag.abbreviations)
+                defined = self.bm25.abbreviations if self.bm25 is not None else None
+                dense_query = spelled_out(query, defined)
+                if self.bm25 is not None:  # BM25 matches an abbreviation the documents write as it is
+                    lexical_query = spelled_out(query, defined, self.bm25.uses)
             allowed = set(self.sources)
             where = {"source": self.sources[0]} if len(self.sources) == 1 else {"source": {"$in": self.sources}}
             dense: dict[str, tuple[Document, float]] = {}
             if self.mode != "bm25":
-                for doc, distance in self.store.similarity_search_with_score(query, k=self.fetch_k if self.mode == "hybrid" else self.k, filter=where):
+                for doc, distance in self.store.similarity_search_with_score(dense_query, k=self.fetch_k if self.mode == "hybrid" else self.k, filter=where):
                     dense[doc.id] = (doc, round(1.0 - distance, 4))
-            lexical = self.bm25.search(query, self.fetch_k if self.mode == "hybrid" else self.k, allowed) if self.mode != "dense" else []
+            lexical = self.bm25.search(lexical_query, self.fetch_k if self.mode == "hybrid" else self.k, allowed) if self.mode != "dense" else []
             bm25_scores = dict(lexical)
             if self.mode == "dense":
                 ranked = [(i, s, ["dense"]) for i, (_, s) in dense.items()]
@@ -288,4 +304,4 @@ def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mo
             return out
 
     return HybridRetriever(store=store, bm25=bm25, k=k, sources=sources, mode=mode, bm25_weight=bm25_weight,
-                           fetch_k=fetch_k or max(4 * k, 20))
+                           fetch_k=fetch_k or max(4 * k, 20), abbreviations=abbreviations)

@@ -53,6 +53,7 @@ class BenchRagConfig:
     llm: str = field(default=SMOLLM2, metadata={"help": "LLM."})
     k: int = field(default=rag_default("k"), metadata={"help": "Passages per question given to the LLM."})
     bm25_weight: float = field(default=rag_default("bm25_weight"), metadata={"help": "As rag.cli --bm25-weight."})
+    abbreviations: bool = field(default=rag_default("abbreviations"), metadata={"help": "As rag.cli --abbreviations."})
     context_tokens: int = field(default=rag_default("context_tokens"), metadata={"help": "As rag.cli --context-tokens."})
     max_new_tokens: int = field(default=48, metadata={"help": "Longest answer; the expected answers are short figures."})
     gen_questions: int = field(default=0, metadata={"help": "Answer only the first N questions per corpus (0: all)."})
@@ -103,7 +104,8 @@ def main(cfg: BenchRagConfig) -> dict:
         items = corpus_questions(corpus, cfg.split)
         base = RagEvalConfig(embeddings=[cfg.embeddings], llm=[cfg.llm], file=corpus_files(corpus), k=cfg.k,
                              max_new_tokens=cfg.max_new_tokens, gen_questions=cfg.gen_questions or len(items),
-                             bm25_weight=cfg.bm25_weight, context_tokens=cfg.context_tokens, seed=cfg.seed)
+                             bm25_weight=cfg.bm25_weight, context_tokens=cfg.context_tokens, seed=cfg.seed,
+                             abbreviations=cfg.abbreviations)
         retrieval, generation = [], []
         with tempfile.TemporaryDirectory(prefix="bench_rag-") as tmp:
             store = Path(tmp) / "db"  # fresh, so the first row measures the index build

@@ -125,15 +125,22 @@ def load_llms(cfg: BenchSpeedConfig):
 def todays_llm(model, tokenizer, max_new_tokens: int):
     """The session-4 LLM path, kept here to compare with: langchain's HuggingFacePipeline over a
     transformers text-generation pipeline (its `stream` runs `generate` in a new thread per answer)
-    with the same StopFlag and NumberGuard."""
+    with the same NumberGuard, reset for each prompt as that pipeline did."""
     from langchain_huggingface import HuggingFacePipeline
-    from transformers import LogitsProcessorList, pipeline
+    from transformers import LogitsProcessorList, TextGenerationPipeline, pipeline
 
-    from rag.chain import NumberGuard, StopFlag
+    from rag.chain import NumberGuard
 
-    generator = pipeline("text-generation", model=model, tokenizer=tokenizer, return_full_text=False,
-                         max_new_tokens=max_new_tokens, add_special_tokens=False, pad_token_id=tokenizer.eos_token_id,
-                         logits_processor=LogitsProcessorList([StopFlag(tokenizer.eos_token_id), NumberGuard(tokenizer)]),
+    guard = NumberGuard(tokenizer)
+
+    class ResetPipeline(TextGenerationPipeline):
+        def __call__(self, *args, **kwargs):
+            guard.reset()
+            return super().__call__(*args, **kwargs)
+
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer, pipeline_class=ResetPipeline,
+                         return_full_text=False, max_new_tokens=max_new_tokens, add_special_tokens=False,
+                         pad_token_id=tokenizer.eos_token_id, logits_processor=LogitsProcessorList([guard]),
                          do_sample=False)
     return HuggingFacePipeline(pipeline=generator)
 
@@ -336,8 +343,8 @@ def bench_cli(cfg: BenchSpeedConfig, work: Path) -> dict:
             for name, (command, cwd) in commands.items():
                 seconds, answers[name] = run(command, cwd)
                 walls[name].append(seconds)
-        imports = [sys.executable, "-c", "import rag.cli, torch, transformers, sentence_transformers, "
-                   "langchain_huggingface, langchain_chroma, chromadb"]
+        imports = [sys.executable, "-c", "import rag.cli, torch, transformers.models.bert.modeling_bert, "
+                   "transformers.models.llama.modeling_llama, langchain_chroma, chromadb"]  # what the new one-shot imports
         import_s = statistics.median(run(imports, REPO)[0] for _ in range(cfg.repeats))
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old_tree)], capture_output=True)

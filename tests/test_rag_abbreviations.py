@@ -1,0 +1,32 @@
+"""rag.abbreviations: definitions found in documents, and questions spelled out for retrieval."""
+
+from rag.abbreviations import FINANCE, defined_in, initials_match, spelled_out
+
+
+def test_definitions_are_found_and_cut_to_their_initials():
+    text = ("The Company's net stable funding ratio (NSFR) was 116%. It held high-quality liquid assets (HQLA) "
+            "of $18.4 billion, and its return on average tangible common equity (ROTCE) was 11.8%. "
+            "Revenue (in millions) rose. The Board of Directors (Chair) met. Net charge-offs (NCOs) fell.")
+    found = defined_in([text])
+    assert found["NSFR"] == "net stable funding ratio"
+    assert found["HQLA"] == "high quality liquid assets"
+    assert found["ROTCE"] == "return on average tangible common equity"  # "average" skipped by the initials
+    assert found["NCO"] == "net charge offs"  # the plural's s is not a letter of it
+    assert "Chair" not in found and "in" not in found  # initials that do not spell it, lower-case words
+
+
+def test_initials():
+    assert initials_match(["liquidity", "coverage", "ratio"], "LCR")
+    assert initials_match(["common", "equity", "tier", "1"], "CET1")
+    assert not initials_match(["board", "of", "directors"], "BOX")
+
+
+def test_questions_are_spelled_out_once():
+    assert spelled_out("Halvorsen Ridge ROA for 2023?") == "Halvorsen Ridge ROA for 2023? (ROA: return on assets)"
+    # the documents' own definition wins over the list; a plural counts; a long form already there is not repeated
+    assert spelled_out("NSFR and NPLs in Q4?", {"NSFR": "net stable funding ratio"}) == \
+        "NSFR and NPLs in Q4? (NSFR: net stable funding ratio; NPL: nonperforming loans; Q4: fourth quarter)"
+    assert spelled_out("What was the net stable funding ratio (NSFR)?") == "What was the net stable funding ratio (NSFR)?"
+    assert spelled_out("What was revenue in 2025?") == "What was revenue in 2025?"
+    assert spelled_out("A cut of 25 bps") == "A cut of 25 bps (bps: basis points)"
+    assert all(long == long.lower() for long in FINANCE.values())  # compared with the lower-cased question
