@@ -275,11 +275,14 @@ def make_llm(model, tokenizer, *, max_new_tokens: int = 256, temperature: float 
     every figure in an answer is one of the prompt's. `prefill_model`: see LocalLLM."""
     from rag.local_llm import LocalLLM
 
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
-    eos = eos[0] if isinstance(eos, list) else eos
-    stop = StopFlag(eos)
+    eos_ids = []
+    for ids in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None), model.config.eos_token_id):
+        eos_ids += [i for i in (ids if isinstance(ids, list) else [ids]) if i is not None and i not in eos_ids]
+    if not eos_ids:
+        raise TuneragError("the LLM has no end-of-sequence token (tokenizer, generation config or model config)")
+    stop = StopFlag(eos_ids[0])
     processors = [stop, NumberGuard(tokenizer)] if grounded_numbers else [stop]
     llm = LocalLLM(model=model, tokenizer=tokenizer, processors=processors, max_new_tokens=max_new_tokens,
-                   temperature=temperature, eos_token_id=eos, stop=stop, decode_threads=decode_threads,
+                   temperature=temperature, eos_token_ids=eos_ids, stop=stop, decode_threads=decode_threads,
                    prefill_model=prefill_model)
     return llm, stop

@@ -44,7 +44,7 @@ class LocalLLM(LLM):
     processors: list = []
     max_new_tokens: int = 256
     temperature: float = 0.0
-    eos_token_id: int
+    eos_token_ids: list[int]  # any of them ends the answer (the tokenizer's and the generation config's)
     stop: Any = None  # the StopFlag: held while an answer is written
     decode_threads: int = 0
     prefill_model: Any = None
@@ -84,6 +84,7 @@ class LocalLLM(LLM):
         ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
         threads = torch.get_num_threads()
         try:
+            # inference mode per step, not around the yields: the caller's code between tokens runs as usual
             with torch.inference_mode():
                 reader = self.prefill_model or self.model
                 cache = DynamicCache(config=self.model.config)
@@ -91,18 +92,20 @@ class LocalLLM(LLM):
                 if reader is not self.model:
                     for layer in cache.layers:  # the float32 model writes on from the bfloat16 reading
                         layer.keys, layer.values = layer.keys.to(self.model.dtype), layer.values.to(self.model.dtype)
-                if self.decode_threads > 0:
-                    torch.set_num_threads(self.decode_threads)
-                for _ in range(self.max_new_tokens):
+            if self.decode_threads > 0:
+                torch.set_num_threads(self.decode_threads)
+            for _ in range(self.max_new_tokens):
+                with torch.inference_mode():
                     scores = processors(ids, out.logits[:, -1, :].to(dtype=torch.float32))
                     if self.temperature > 0:
                         token = torch.multinomial(scores.softmax(-1), num_samples=1)[:, 0]
                     else:
                         token = scores.argmax(-1)
-                    if token.item() == self.eos_token_id:
-                        return
                     ids = torch.cat([ids, token[:, None]], dim=1)
-                    yield token
+                if token.item() in self.eos_token_ids:
+                    return
+                yield token
+                with torch.inference_mode():
                     out = self.model(input_ids=token[:, None], cache=cache, use_cache=True)
         finally:
             torch.set_num_threads(threads)
