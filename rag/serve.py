@@ -137,10 +137,12 @@ class Server:
         self.models: dict = {}
         self.files: list[Path] = list(cfg.file)
         self.names: dict[str, str] = {}  # stored upload name -> the client's name, for display only
-        self.answerer = Answerer(cfg, time.perf_counter(), models=self.models)
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunerag-worker")
+        # Loaded and indexed in the worker thread that answers: torch work in one more thread would bring
+        # a second OpenMP team, which halves decoding speed on a 2-core CPU (rag.local_llm).
+        self.answerer = self.worker.submit(Answerer, cfg, time.perf_counter(), models=self.models).result()
         self.indexed = self.paths()
         self.tickets: list[object] = []
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunerag-worker")
         self.background: set[asyncio.Task] = set()
 
     def stop_answer(self) -> None:
