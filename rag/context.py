@@ -22,6 +22,12 @@ from typing import Any
 from rag.retrieve import bm25_tokens, split_units
 
 FRAGMENT_WORDS = 6  # a unit this short gets the unit before it, so it reads as a sentence
+# Weight of the question-term share against the embedder's cosine. Picking one sentence (the extractive
+# answer, the evidence): the best sentence of the hybrid top 4 held the answer for 0.611 of the tuning
+# halves' questions (mean of sample, long, policy) at 0.5, 0.627 at 1.5, 0.633 at 2.0, 0.627 at 3.0.
+# Choosing the LLM's context: 2.0 there gave SmolLM2 25 right answers of 90 tuning questions, 0.5 gave 27.
+LEXICAL_WEIGHT = 2.0
+CONTEXT_LEXICAL_WEIGHT = 0.5
 CITATION = re.compile(r"\[(\d{1,2})\]")
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
@@ -41,7 +47,7 @@ def lexical_overlap(question_terms: set[str], unit_terms: list[str]) -> float:
 
 
 def score_units(question: str, units: list[Unit], embed: Callable[[list[str]], list[list[float]]],
-                lexical_weight: float) -> None:
+                lexical_weight: float = LEXICAL_WEIGHT) -> None:
     """Set each unit's score: cosine(question, unit) + lexical_weight * share of question terms in it."""
     vectors = embed([question] + [u.text for u in units])
     q = vectors[0]
@@ -61,7 +67,7 @@ def passage_units(docs: list[Any]) -> list[Unit]:
 
 
 def evidence_passages(question: str, docs: list[Any], embed, count_tokens: Callable[[str], int], budget_tokens: int,
-                      lexical_weight: float = 0.5) -> list[Any]:
+                      lexical_weight: float = CONTEXT_LEXICAL_WEIGHT) -> list[Any]:
     """The retrieved `docs` cut down to their best-scoring units (see the module docstring). Each
     returned Document keeps its metadata plus "units": [start, end, text] of its kept units in the chunk."""
     from langchain_core.documents import Document
@@ -94,7 +100,7 @@ def evidence_passages(question: str, docs: list[Any], embed, count_tokens: Calla
     return [d for _, d in sorted(out, key=lambda pair: -pair[0])]
 
 
-def best_unit(question: str, docs: list[Any], embed, lexical_weight: float = 0.5) -> Unit | None:
+def best_unit(question: str, docs: list[Any], embed, lexical_weight: float = LEXICAL_WEIGHT) -> Unit | None:
     """The unit of `docs` that best matches the question (the extractive answer)."""
     units = passage_units(docs)
     if not units:
@@ -103,7 +109,7 @@ def best_unit(question: str, docs: list[Any], embed, lexical_weight: float = 0.5
     return max(units, key=lambda u: u.score)
 
 
-def support(answer: str, question: str, docs: list[Any], embed, lexical_weight: float = 0.5) -> Unit | None:
+def support(answer: str, question: str, docs: list[Any], embed, lexical_weight: float = LEXICAL_WEIGHT) -> Unit | None:
     """The unit of the passages that best supports `answer`: most of the answer's numbers, then of its
     words, then the best match for the question."""
     units = passage_units(docs)
