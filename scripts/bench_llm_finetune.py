@@ -180,6 +180,7 @@ def grounded(cfg: BenchConfig) -> dict:
 
     t0 = time.perf_counter()
     workdir = Path(cfg.workdir or tempfile.mkdtemp(prefix="bench_grounded-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     grounded_rows = workdir / "grounded.jsonl"
     raft_stats = {}
     if not grounded_rows.is_file():
