@@ -41,37 +41,41 @@ FINANCE = {
     "Q3": "third quarter", "Q4": "fourth quarter",
 }
 
-ABBREVIATION = r"[A-Z][A-Za-z0-9&]*[A-Z0-9]|[A-Z]"
-DEFINED = re.compile(r"((?:[A-Za-z][\w'-]*[ -]){0,7}[A-Za-z][\w'-]*) \((" + ABBREVIATION + r")s?\)")
+ABBREVIATION = r"[A-Z][A-Za-z0-9&]*[A-Z0-9]"
+DEFINED = re.compile(r"\((" + ABBREVIATION + r")s?\)")  # "(NSFR)", "(NPLs)": the long form is the words before
+WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9']*")  # hyphens split words: "charge-offs" is two
 QUERY_WORD = re.compile(r"[A-Za-z][A-Za-z0-9&]*")
+MAX_LONG_WORDS = 8
 
 
 def initials_match(words: list[str], abbreviation: str) -> bool:
-    """Whether the abbreviation's letters are the first letters of the last len(...) words (digits and
-    "&" aside, small words like "of" free to skip): "net stable funding ratio" -> NSFR."""
-    letters = [c.lower() for c in abbreviation if c.isalpha()]
+    """Whether `words` spell `abbreviation` by their first characters: the first and the last word must
+    give its first and last character, words in between may be skipped ("return on average assets" ->
+    ROA, "common equity tier 1" -> CET1, "net stable funding ratio" -> NSFR)."""
+    initials = [c.lower() for c in abbreviation if c.isalnum()]
     firsts = [w[0].lower() for w in words]
-    i = len(letters) - 1
+    if not firsts or firsts[0] != initials[0] or firsts[-1] != initials[-1]:
+        return False
+    i = len(initials) - 1
     for first in reversed(firsts):
-        if i >= 0 and first == letters[i]:
+        if i >= 0 and first == initials[i]:
             i -= 1
-        if i < 0:
-            return True
-    return False
+    return i < 0
 
 
 def defined_in(texts: list[str]) -> dict[str, str]:
-    """{abbreviation: long form} for every "long form (ABBR)" in `texts` whose words' initials spell
-    ABBR; the long form is cut to the words the initials need. The first definition found wins."""
+    """{abbreviation: long form} for every "long form (ABBR)" in `texts` whose words' first characters
+    spell ABBR (the shortest such run of the words just before it). The first definition found wins."""
     found: dict[str, str] = {}
     for text in texts:
         for match in DEFINED.finditer(text):
-            abbreviation = match.group(2)
-            if abbreviation in found or len([c for c in abbreviation if c.isalpha()]) < 2:
+            abbreviation = match.group(1)
+            if abbreviation in found:
                 continue
-            words = re.split(r"[ -]", match.group(1))
-            for n in range(len([c for c in abbreviation if c.isalpha()]), len(words) + 1):
-                if initials_match(words[-n:], abbreviation) and words[-n][0].lower() == abbreviation[0].lower():
+            words = WORD.findall(text[max(0, match.start() - 200):match.start()])[-MAX_LONG_WORDS:]
+            size = len([c for c in abbreviation if c.isalnum()])
+            for n in range(size, len(words) + 1):
+                if initials_match(words[-n:], abbreviation):
                     found[abbreviation] = " ".join(words[-n:]).lower()
                     break
     return found
@@ -87,7 +91,7 @@ def spelled_out(query: str, defined: dict[str, str] | None = None, used: Callabl
     notes = []
     for word in dict.fromkeys(QUERY_WORD.findall(query)):
         key = word if word in known else word[:-1] if word.endswith("s") and word[:-1] in known else None
-        if key is None or (key.islower() and key not in ("bps", "bp")) or known[key] in lowered:
+        if key is None or known[key] in lowered:
             continue
         if used is not None and used(key):
             continue

@@ -106,7 +106,7 @@ def render_prompt(tokenizer, passages: list[Any], question: str, history: list[t
 
 
 def default_prefix(tokenizer) -> str:
-    """The BOS text the tokenizer would add itself ("" if none): the pipeline tokenizes prompts without
+    """The BOS text the tokenizer would add itself ("" if none): the local LLM tokenizes prompts without
     special tokens, so a plain-text prompt carries its BOS in the text, as a chat template does."""
     ids = tokenizer("x")["input_ids"]
     bos = tokenizer.bos_token_id
@@ -114,7 +114,7 @@ def default_prefix(tokenizer) -> str:
 
 
 def count_tokens(tokenizer, text: str) -> int:
-    # Exactly what the pipeline feeds the model: make_llm tokenizes with add_special_tokens=False,
+    # Exactly what the local LLM feeds the model: it tokenizes with add_special_tokens=False,
     # because the rendered prompt already holds its special tokens (e.g. Mistral's <s>).
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -36,7 +36,7 @@ HISTORY_TURNS = 3  # earlier (question, answer) pairs a follow-up is read with
 def quiet_libraries() -> None:
     """Our INFO lines stay; the libraries' INFO chatter and weight-loading bars do not."""
     # (bm25s sets its own logger to DEBUG when imported: rag.retrieve.import_bm25s quiets it after that)
-    for name in ("bitsandbytes", "sentence_transformers", "transformers", "chromadb", "httpx", "urllib3", "langchain_huggingface"):
+    for name in ("bitsandbytes", "sentence_transformers", "transformers", "chromadb", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import transformers
 
@@ -116,7 +116,7 @@ def ask(chain, question: str, out: dict, on_token: Callable[[str], None] | None 
     finally:
         if not finished and stop is not None:
             stop.event.set()  # a remote answer's thread, or a server's, ends at its next token
-        stream.close()  # on Ctrl-C: unwinds the pipeline's stream
+        stream.close()  # on Ctrl-C: closes the chain's stream: the LLM ends at once
     out["result"] = out["result"].strip()
     return marks
 

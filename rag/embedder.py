@@ -50,7 +50,14 @@ def read_json(path: Path) -> dict:
 def plain_layout(folder: Path) -> dict | None:
     """{"pooling": "mean"|"cls", "max_seq_length", "lower_case"} when `folder` is a transformer + pooling
     (+ Normalize) with no prompts, the layout the transformers backend reproduces; None otherwise."""
-    modules = read_json(folder / "modules.json") if (folder / "modules.json").is_file() else None
+    try:
+        return read_layout(folder)
+    except (ValueError, KeyError, TypeError, AttributeError):  # an unreadable layout: sentence-transformers says why
+        return None
+
+
+def read_layout(folder: Path) -> dict | None:
+    modules = read_json(folder / "modules.json") or None
     if not isinstance(modules, list):
         return None
     kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
@@ -85,7 +92,7 @@ def transformers_encoder(folder: Path, layout: dict, dtype: str | None) -> Folde
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModel.from_pretrained(folder, **({"dtype": dtype} if dtype else {})).eval()
+    model = AutoModel.from_pretrained(folder, dtype=dtype or "float32").eval()  # float32 unless told: as sentence-transformers
     if torch.cuda.is_available():  # as sentence-transformers places it
         model.to("cuda")
     limits = [n for n in (layout["max_seq_length"], tokenizer.model_max_length,

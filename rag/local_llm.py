@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -33,7 +34,9 @@ class LocalLLM(LLM):
     10.7 tokens/s through HuggingFacePipeline.stream, 21.9 with this loop, the same tokens
     (scripts/bench_speed.py). The loop is transformers' greedy search (float32 scores, argmax, the
     logits processors, end of sequence) with nothing else; sampling adds temperature and top-k 50, as
-    `generate(do_sample=True)` does with its default generation config.
+    `generate(do_sample=True)` does with its default generation config. A checkpoint's own generation
+    settings (repetition_penalty, top_p, suppress_tokens, ...) are not applied: rag asks for greedy,
+    grounded answers, and SmolLM2 and Mistral-Instruct set none of them.
 
     `prefill_model`: a bfloat16 copy that reads the prompt (3x faster than float32 with AMX), whose
     cache the float32 `model` then writes from (a bfloat16 matrix-vector product is slower than a
@@ -61,19 +64,22 @@ class LocalLLM(LLM):
             raise ValueError("stop sequences are not supported by the local LLM")
         pieces: list[str] = []
         streamer = TextPieces(self.tokenizer, pieces)
-        with self.stop.running:
+        with self.stop.running if self.stop is not None else nullcontext():
             for processor in self.processors:  # a new answer: per-prompt state starts again
                 getattr(processor, "reset", lambda: None)()
             for token in self.token_ids(prompt):
                 streamer.put(token)
-                while pieces:
-                    chunk = GenerationChunk(text=pieces.pop(0))
-                    if run_manager:
-                        run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                    yield chunk
+                yield from self.chunks(pieces, run_manager)
             streamer.end()
-            for text in pieces:
-                yield GenerationChunk(text=text)
+            yield from self.chunks(pieces, run_manager)
+
+    @staticmethod
+    def chunks(pieces: list[str], run_manager):
+        while pieces:
+            chunk = GenerationChunk(text=pieces.pop(0))
+            if run_manager:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
 
     def token_ids(self, prompt: str):
         """The answer's token ids (tensors of one id), one at a time, end of sequence not included."""
@@ -82,6 +88,8 @@ class LocalLLM(LLM):
             processors += [TemperatureLogitsWarper(self.temperature), TopKLogitsWarper(50)]
         device = self.model.device
         ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+        if ids.shape[1] == 0:
+            raise ValueError("the prompt is empty")
         threads = torch.get_num_threads()
         try:
             # inference mode per step, not around the yields: the caller's code between tokens runs as usual
@@ -94,7 +102,9 @@ class LocalLLM(LLM):
                         layer.keys, layer.values = layer.keys.to(self.model.dtype), layer.values.to(self.model.dtype)
             if self.decode_threads > 0:
                 torch.set_num_threads(self.decode_threads)
-            for _ in range(self.max_new_tokens):
+            for step in range(self.max_new_tokens):
+                if self.stop is not None and self.stop.event.is_set():
+                    return  # at once: the StopFlag's forced end of sequence can be masked by the NumberGuard
                 with torch.inference_mode():
                     scores = processors(ids, out.logits[:, -1, :].to(dtype=torch.float32))
                     if self.temperature > 0:
@@ -105,7 +115,8 @@ class LocalLLM(LLM):
                 if token.item() in self.eos_token_ids:
                     return
                 yield token
-                with torch.inference_mode():
-                    out = self.model(input_ids=token[:, None], cache=cache, use_cache=True)
+                if step + 1 < self.max_new_tokens:
+                    with torch.inference_mode():
+                        out = self.model(input_ids=token[:, None], cache=cache, use_cache=True)
         finally:
             torch.set_num_threads(threads)

@@ -119,7 +119,8 @@ class Bm25Index:
     def uses(self, word: str) -> bool:
         """Whether the indexed text has `word` (as BM25 tokenizes it)."""
         tokens = bm25_tokens([word], self.stem)[0]
-        return bool(tokens) and all(t in self.model.vocab_dict for t in tokens)
+        vocab = getattr(self.model, "vocab_dict", None) or {}  # an empty index has none
+        return bool(tokens) and all(t in vocab for t in tokens)
 
     def search(self, query: str, k: int, allowed_sources: set[str] | None = None) -> list[tuple[str, float]]:
         """(chunk id, BM25 score of its best sentence) of the best `k` chunks with any query term, from
@@ -197,8 +198,10 @@ def load_bm25(folder: Path, expected_ids: list[str], stem: bool) -> tuple[Bm25In
         return None, "missing"
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("stem") != stem or meta.get("rows") != BM25_ROWS or meta.get("format") != BM25_FORMAT:
+        if meta.get("stem") != stem or meta.get("rows") != BM25_ROWS:
             return None, "built with other tokenizer settings"
+        if meta.get("format") != BM25_FORMAT:
+            return None, "stored by an older tunerag (no abbreviations)"
         if meta.get("ids_sha256") != ids_digest(expected_ids) or meta["chunk_ids"] != sorted(set(expected_ids)) \
                 or set(meta["row_ids"]) != set(meta["chunk_ids"]):
             return None, "built for other chunks than the collection holds"

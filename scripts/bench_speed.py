@@ -322,7 +322,7 @@ def bench_cli(cfg: BenchSpeedConfig, work: Path) -> dict:
     made = subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(old_tree), cfg.baseline_rev],
                           capture_output=True, text=True)
     if made.returncode != 0:
-        raise SystemExit(f"error: --baseline-rev {cfg.baseline_rev!r}: {made.stderr.strip().splitlines()[-1]}")
+        raise SystemExit(f"error: --baseline-rev {cfg.baseline_rev!r}: {(made.stderr.strip() or 'git worktree failed').splitlines()[-1]}")
     args = ["-m", "rag.cli", "--file", str(SAMPLE_REPORT), "-q", QUESTION, "--max-new-tokens", "48", "--timings"]
     commands = {"old": ([sys.executable, *args, "--persist-dir", str(work / "db-old")], old_tree),
                 "new": ([sys.executable, *args, "--persist-dir", str(work / "db-new"), "--dtype", cfg.new_dtype], REPO)}

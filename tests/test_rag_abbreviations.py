@@ -15,10 +15,19 @@ def test_definitions_are_found_and_cut_to_their_initials():
     assert "Chair" not in found and "in" not in found  # initials that do not spell it, lower-case words
 
 
+def test_a_long_hyphenated_run_is_read_in_linear_time():
+    import time
+
+    start = time.perf_counter()
+    assert defined_in(["x" + "-ab" * 2000 + " (AB) " + "a-b " * 2000]) == {}  # "ab ab (AB)": no first-word match
+    assert time.perf_counter() - start < 2.0
+
+
 def test_initials():
     assert initials_match(["liquidity", "coverage", "ratio"], "LCR")
     assert initials_match(["common", "equity", "tier", "1"], "CET1")
     assert not initials_match(["board", "of", "directors"], "BOX")
+    assert not initials_match(["net", "loss", "of", "the", "company"], "NL")  # the last word must give the last letter
 
 
 def test_questions_are_spelled_out_once():

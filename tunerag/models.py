@@ -392,13 +392,17 @@ def llm_dtypes(choice: str = "auto") -> tuple[str | None, str | None]:
 
 def prefill_copy(model, dtype: str | None):
     """A `dtype` copy of `model` for reading prompts (rag.local_llm.LocalLLM), or None when `dtype` is
-    None or the model is too large to keep twice."""
+    None, the model is too large to keep twice, or its KV cache holds more than keys and values."""
     import copy
 
     import torch
 
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
     if dtype is None or model.num_parameters() > PREFILL_COPY_MAX_PARAMS:
         return None
+    if not all(isinstance(layer, DynamicLayer) for layer in DynamicCache(config=model.config).layers):
+        return None  # a cache with other state (linear attention, recurrent) is not handed over by dtype alone
     return copy.deepcopy(model).to(getattr(torch, dtype)).eval()
 
 
