@@ -230,7 +230,7 @@ class NumberGuard:
         vocab = tokenizer.get_vocab()
         self.char_ids = {c: vocab[c] for c in "0123456789.," if c in vocab}
         # every other token holding a digit: masked inside a number, so digits come one at a time
-        self.multi_digit = [i for tok, i in vocab.items() if any(ch.isdigit() for ch in tok) and len(tok) > 1]
+        self.multi_digit = [i for tok, i in vocab.items() if len(tok) > 1 and not tok.isalpha() and any(map(str.isdigit, tok))]
         self.enabled = len(self.char_ids) == 12
         self.prompt_len: int | None = None
         self.numbers: set[str] = set()

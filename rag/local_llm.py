@@ -96,7 +96,10 @@ class LocalLLM(LLM):
             with torch.inference_mode():
                 reader = self.prefill_model or self.model
                 cache = DynamicCache(config=self.model.config)
-                out = reader(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+                # the last position as an index tensor, not `logits_to_keep=1`: that slice of the hidden states is
+                # not contiguous, so torch's matmul copies the whole lm_head weight (70 ms in bfloat16) to multiply it
+                last = torch.tensor([ids.shape[1] - 1], device=device)
+                out = reader(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=last)
                 if reader is not self.model:
                     for layer in cache.layers:  # the float32 model writes on from the bfloat16 reading
                         layer.keys, layer.values = layer.keys.to(self.model.dtype), layer.values.to(self.model.dtype)

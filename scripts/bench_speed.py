@@ -208,7 +208,7 @@ def bench_prefill(cfg: BenchSpeedConfig, old, new_pair, tokenizer) -> dict:
             ttft[name].append(first_token_s(paths[name], prompt))
             with torch.inference_mode():
                 t = time.perf_counter()
-                models[name](ids, logits_to_keep=1)
+                models[name](ids, logits_to_keep=torch.tensor([n - 1]))  # as rag.local_llm reads a prompt
                 forward[name].append(time.perf_counter() - t)
     out = {"prompt_tokens": n, "threads": threads_label(), "new_dtype": str(models["new"].dtype)}
     for name in paths:

@@ -403,7 +403,10 @@ def prefill_copy(model, dtype: str | None):
         return None
     if not all(isinstance(layer, DynamicLayer) for layer in DynamicCache(config=model.config).layers):
         return None  # a cache with other state (linear attention, recurrent) is not handed over by dtype alone
-    return copy.deepcopy(model).to(getattr(torch, dtype)).eval()
+    target = getattr(torch, dtype)
+    # The copy takes each weight converted (tied weights stay one tensor): no float32 copy is made first.
+    converted = {id(p): torch.nn.Parameter(p.detach().to(target), requires_grad=False) for p in model.parameters()}
+    return copy.deepcopy(model, memo=converted).to(target).eval()
 
 
 def load_llm(spec: str, **kwargs: Any):
