@@ -68,9 +68,10 @@ def peak_rss_mib() -> float:
     return round(kib / 1024, 1)
 
 
-def qa_pairs_over_chunks(qa_path: Path, prepare_cfg: PrepareConfig) -> tuple[Pairs, Pairs]:
-    """(all questions, held-out questions) against every chunk of the document, chunked and split
-    exactly as prepare chunks and splits it; a held-out question has all its relevant chunks in val."""
+def qa_pairs_over_chunks(qa: Path | list[dict], prepare_cfg: PrepareConfig) -> tuple[Pairs, Pairs]:
+    """(all questions, held-out questions) against every chunk of the documents, chunked and split
+    exactly as prepare chunks and splits them; a held-out question has all its relevant chunks in val.
+    `qa`: a question file or its items."""
     from embeddings.prepare import document_chunks
     from rag.metrics import chunk_answers
 
@@ -78,7 +79,7 @@ def qa_pairs_over_chunks(qa_path: Path, prepare_cfg: PrepareConfig) -> tuple[Pai
     corpus = {c.id: c.text for c in train_chunks + val_chunks}
     val_ids = {c.id for c in val_chunks}
     every, heldout = Pairs(corpus=corpus), Pairs(corpus=corpus)
-    for item in json.loads(qa_path.read_text(encoding="utf-8")):
+    for item in json.loads(qa.read_text(encoding="utf-8")) if isinstance(qa, Path) else qa:
         relevant = [cid for cid, text in corpus.items() if chunk_answers(text, item["passage"], item["answer"])]
         if not relevant:
             logger.warning("qa item %s: no chunk answers it; left out", item["id"])
@@ -94,7 +95,8 @@ def finetune_in_process_of_its_own(cfg: FinetuneConfig) -> dict:
     (A second training run inside one process runs slower here, which would skew comparisons.)"""
     cmd = [sys.executable, "-m", "embeddings.finetune", "--train", str(cfg.train), "--val", str(cfg.val),
            "--out", str(cfg.out), "--model", cfg.model, "--learning-rate", str(cfg.learning_rate),
-           "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed)]
+           "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed),
+           "--hard-negatives", str(cfg.hard_negatives)]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if done.returncode:
         raise SystemExit(f"error: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")

@@ -17,7 +17,7 @@ from conftest import REPO
 
 from rag import index
 from rag.embedder import load_embeddings
-from rag.context import citations, evidence_passages, evidence_record, split_units, support
+from rag.context import best_unit, citations, evidence_passages, evidence_record, has_figure, split_units, support
 from rag.metrics import answer_matches, recall_at_k
 from rag.retrieve import BM25_META, all_chunks, load_bm25, make_retriever, open_bm25, rrf
 from tunerag.models import model_identity
@@ -139,6 +139,24 @@ def test_evidence_first_context_and_offsets(tmp_path, minilm, sample_doc):
     evidence = evidence_record(unit, cut)
     text = sample_doc.read_text(encoding="utf-8")
     assert text[evidence["start"]:evidence["end"]] == evidence["text"] and answer_matches(evidence["text"], "6.8%")
+
+
+def test_the_picked_sentence_holds_a_figure_and_reads_abbreviations_spelled_out(minilm):
+    """Two misses of the long corpus's tuning half, as they were: a heading, and an introduction
+    sentence that out-scored the answer on the question's words ("ROA" is spelled out in the text)."""
+    from langchain_core.documents import Document
+
+    embed = minilm[0].embed_documents
+    passages = [Document(page_content="PROVISION FOR CREDIT LOSSES\nThe provision for credit losses was $412 million "
+                                      "in 2023, compared with $288 million in 2022.", metadata={"title": "2023 report"}),
+                Document(page_content="The following discussion should be read together with the consolidated "
+                                      "financial statements for the year ended December 31, 2023. Return on average "
+                                      "assets was 0.86%, compared with 1.10% in 2022.", metadata={"title": "2023 report"})]
+    assert "$412 million" in best_unit("Halvorsen Ridge provision for credit losses 2023", passages, embed).text
+    assert "0.86%" in best_unit("Halvorsen Ridge ROA for 2023?", passages, embed).text
+    assert best_unit("Halvorsen Ridge provision for credit losses 2023", passages, embed,
+                     figure_weight=0.0).text == "PROVISION FOR CREDIT LOSSES"  # what the figure weight mends
+    assert has_figure("up 8.8% from 2022") and not has_figure("in 2023 and 2024")
 
 
 def test_extractive_answer_from_the_command_line(tmp_path, sample_doc):
