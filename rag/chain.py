@@ -186,22 +186,14 @@ def context_window(model, tokenizer) -> int:
 
 
 class StopFlag:
-    """Ends generation at the next token once set: Ctrl-C in the session stops the answer, a client
-    that leaves rag.serve stops its answer, and a remote answer's stream ends.
+    """Ends an answer at its next token once set: Ctrl-C in the session stops the answer, a client
+    that leaves rag.serve stops its answer, and a remote answer's stream ends. The writing loop
+    (rag.local_llm.LocalLLM, rag.remote) checks `event` before every token, so a thread other than the
+    one writing can stop it. `running` is held by whichever thread writes an answer, for the whole answer."""
 
-    It is a logits processor (forcing end-of-sequence), so a thread other than the one writing can stop
-    it. `running` is held by whichever thread writes an answer, for the whole answer."""
-
-    def __init__(self, eos_token_id: int):
+    def __init__(self):
         self.event = threading.Event()
         self.running = threading.Lock()
-        self.eos_token_id = eos_token_id
-
-    def __call__(self, input_ids, scores):
-        if self.event.is_set():
-            scores[:, :] = float("-inf")
-            scores[:, self.eos_token_id] = 0.0
-        return scores
 
     def ready_for_next(self) -> None:
         """Wait until a stopped answer has ended, then let the next one run: cleared any earlier, the
@@ -280,8 +272,8 @@ def make_llm(model, tokenizer, *, max_new_tokens: int = 256, temperature: float 
         eos_ids += [i for i in (ids if isinstance(ids, list) else [ids]) if i is not None and i not in eos_ids]
     if not eos_ids:
         raise TuneragError("the LLM has no end-of-sequence token (tokenizer, generation config or model config)")
-    stop = StopFlag(eos_ids[0])
-    processors = [stop, NumberGuard(tokenizer)] if grounded_numbers else [stop]
+    stop = StopFlag()
+    processors = [NumberGuard(tokenizer)] if grounded_numbers else []
     llm = LocalLLM(model=model, tokenizer=tokenizer, processors=processors, max_new_tokens=max_new_tokens,
                    temperature=temperature, eos_token_ids=eos_ids, stop=stop, decode_threads=decode_threads,
                    prefill_model=prefill_model)

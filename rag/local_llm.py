@@ -107,7 +107,7 @@ class LocalLLM(LLM):
                 torch.set_num_threads(self.decode_threads)
             for step in range(self.max_new_tokens):
                 if self.stop is not None and self.stop.event.is_set():
-                    return  # at once: the StopFlag's forced end of sequence can be masked by the NumberGuard
+                    return  # Ctrl-C, a client that left: the answer ends here
                 with torch.inference_mode():
                     scores = processors(ids, out.logits[:, -1, :].to(dtype=torch.float32))
                     if self.temperature > 0:

@@ -217,5 +217,5 @@ def remote_answer_chain(cfg, retriever, embeddings):
         def select(question: str, docs: list) -> list:
             return evidence_passages(question, docs, embeddings.embed_documents,
                                      lambda text: count_tokens(tokenizer, text), cfg.context_tokens)
-    stop = StopFlag(eos_token_id=-1)  # only its event is used here: set, it ends the stream at the next token
+    stop = StopFlag()  # set, it ends the stream at the next token
     return build_remote_chain(retriever, chat, stop, cfg.llm_url, select), stop

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from rag.chain import ANSWER_STYLE, INSTRUCTIONS, StopFlag, build_chain, count_tokens, fit_prompt, render_prompt
+from rag.chain import ANSWER_STYLE, INSTRUCTIONS, build_chain, count_tokens, fit_prompt, render_prompt
 from rag.metrics import answer_matches, chunk_answers, recall_at_k
 from tunerag.common import TuneragError
 
@@ -107,16 +107,6 @@ def test_a_question_that_cannot_fit_is_an_error_not_a_cut(mistral_tokenizer):
     question = "What was the CET1 ratio at the end of the year? " * 40
     with pytest.raises(TuneragError, match="the question alone needs"):
         fit_prompt(mistral_tokenizer, docs(*PASSAGES), question, max_prompt_tokens=200)
-
-
-def test_stop_flag_forces_end_of_sequence():
-    import torch
-
-    flag = StopFlag(eos_token_id=2)
-    scores = torch.randn(1, 10)
-    assert torch.equal(flag(None, scores.clone()), scores)
-    flag.event.set()
-    assert flag(None, scores.clone()).argmax(-1).item() == 2
 
 
 def test_chunk_answers_accepts_a_passage_cut_at_a_chunk_boundary():

@@ -73,6 +73,24 @@ def test_the_local_llm_writes_what_generate_writes(tiny_mistral, dtype):
         assert greedy(llm, prompt) == tokenizer.decode(expected, skip_special_tokens=True)
 
 
+def test_a_set_stop_flag_ends_the_answer_at_the_next_token(tiny_mistral):
+    """What Ctrl-C in a session and a web client that leaves do (from another thread in rag.serve)."""
+    from rag.chain import make_llm
+
+    model, tokenizer = models.load_llm(str(tiny_mistral), dtype="float32")
+    llm, stop = make_llm(model, tokenizer, max_new_tokens=12, grounded_numbers=False)
+    prompt = "<s>[INST] What was the CET1 ratio? [/INST]"
+    whole = list(llm.token_ids(prompt))
+    assert len(whole) >= 3  # the tiny random model writes on to max_new_tokens (or nearly)
+    written = []
+    for token in llm.token_ids(prompt):
+        written.append(token)
+        stop.event.set()
+    assert len(written) == 1 and torch.equal(written[0], whole[0])
+    stop.ready_for_next()  # the next answer runs whole again
+    assert len(list(llm.token_ids(prompt))) == len(whole)
+
+
 def test_a_bfloat16_reader_hands_its_cache_to_the_float32_writer(tiny_mistral):
     from rag.chain import make_llm
 
