@@ -159,6 +159,9 @@ def sweep_corpora(cfg: SweepConfig, json_out=None) -> dict:
     t0 = time.perf_counter()
     base = load_embedder(MINILM)
     rows, baselines = [], {}
+    # each finished row is kept in --work, so a killed sweep started again with the same --work goes on
+    rows_file = work / "rows.jsonl"
+    done = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()] if rows_file.is_file() else []
     for corpus in cfg.corpus:
         docs = corpus_files(corpus)
         handwritten, _ = qa_pairs_over_chunks(corpus_questions(corpus, "heldout"), PrepareConfig(docs=docs))
@@ -177,6 +180,11 @@ def sweep_corpora(cfg: SweepConfig, json_out=None) -> dict:
                 baselines[f"{corpus}/{generator}-{data}"] = {k: round(v, 4) for k, v in base_scores.items()}
                 for lr, epochs, batch, negatives in itertools.product(cfg.learning_rate, cfg.epochs, cfg.batch_size,
                                                                       cfg.hard_negatives):
+                    finished = [r for r in done if r["corpus"] == corpus and r["seeds"] == cfg.seed and setting_key(r) == (
+                        generator, data, lr, epochs, batch, negatives)]
+                    if finished:
+                        rows.append(finished[0])
+                        continue
                     gains = {name: [] for name in sets}  # val/heldout: the checkpoint; handwritten: the saved model
                     seconds, kept = [], []
                     for seed in cfg.seed:
@@ -193,7 +201,7 @@ def sweep_corpora(cfg: SweepConfig, json_out=None) -> dict:
                         seconds.append(metrics["train_seconds"])
                         kept.append(metrics["kept"])
                     row = {"corpus": corpus, "generator": generator, "data": data, "learning_rate": lr,
-                           "epochs": epochs, "batch_size": batch, "hard_negatives": negatives,
+                           "epochs": epochs, "batch_size": batch, "hard_negatives": negatives, "seeds": cfg.seed,
                            "train_pairs": metrics["data"]["train_pairs"], "heldout_queries": len(sets["heldout"].queries),
                            "handwritten_queries": len(handwritten.queries), "kept": kept,
                            "prepare_seconds": prepare_seconds, "train_seconds": round(statistics.mean(seconds), 1),
@@ -201,6 +209,8 @@ def sweep_corpora(cfg: SweepConfig, json_out=None) -> dict:
                            **{f"{k}_gain_by_seed": v for k, v in gains.items()}}
                     logger.info("%s", json.dumps(row))
                     rows.append(row)
+                    with rows_file.open("a", encoding="utf-8") as f:
+                        f.write(json.dumps(row) + "\n")
     settings = {}
     for row in rows:
         settings.setdefault(setting_key(row), []).append(row)

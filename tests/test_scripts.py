@@ -14,3 +14,12 @@ def test_script_help(script):
                          timeout=120, cwd=REPO)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "usage:" in run.stdout and "--" in run.stdout
+
+
+def test_sweep_embeddings_says_which_grid_needs_corpora():
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "sweep_embeddings.py"), "--generator", "ict",
+                          "--generator", "llm"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode != 0 and "pass one --generator per run" in run.stderr
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "sweep_embeddings.py"), "--corpus", "nowhere"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 2 and "invalid choice" in run.stderr
