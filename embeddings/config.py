@@ -143,6 +143,9 @@ class FinetuneConfig:
     matryoshka_dims: list[int] = field(default_factory=list, metadata={
         "help": "Wrap the loss in MatryoshkaLoss with these dimensions (repeatable, e.g. --matryoshka-dims 384 "
                 "--matryoshka-dims 128); empty: off."})
+    dtype: str = field(default="auto", metadata={
+        "help": "Training step precision: auto (bfloat16 autocast on a CPU with bfloat16 matrix instructions, "
+                "float32 elsewhere and on CUDA), float32, or bfloat16 (autocast; the weights stay float32)."})
     seed: int = field(default=42, metadata={"help": "Seed for shuffling and initialisation."})
 
     def __post_init__(self):
@@ -157,6 +160,8 @@ class FinetuneConfig:
             raise ValueError(f"--warmup-ratio ({self.warmup_ratio}) must be in [0, 1)")
         if self.eval_steps < 0 or self.hard_negatives < 0 or self.mini_batch_size < 1:
             raise ValueError("--eval-steps and --hard-negatives must be >= 0, --mini-batch-size >= 1")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16")
         if any(d < 1 for d in self.matryoshka_dims):
             raise ValueError(f"--matryoshka-dims ({self.matryoshka_dims}) must be positive")
 

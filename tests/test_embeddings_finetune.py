@@ -103,6 +103,20 @@ def test_bad_inputs_fail_before_training(tiny_bert, pair_files, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_bfloat16_autocast_trains_like_float32(tiny_bert, pair_files, tmp_path):
+    train, val = pair_files
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        metrics = main(FinetuneConfig(train=train, val=val, model=str(tiny_bert), out=tmp_path / dtype, epochs=1,
+                                      batch_size=8, seed=7, dtype=dtype))
+        losses[dtype] = [e["loss"] for e in metrics["log_history"] if "loss" in e]
+    assert len(losses["float32"]) == len(losses["bfloat16"]) >= 1
+    assert losses["float32"] != losses["bfloat16"]  # the autocast did run
+    assert losses["float32"] == pytest.approx(losses["bfloat16"], abs=0.05)
+    with pytest.raises(ValueError, match="--dtype 'float16'"):
+        FinetuneConfig(train=train, val=val, dtype="float16")
+
+
 def test_flags_parse_and_check():
     cfg = parse_config(FinetuneConfig, ["--train", "t.json", "--val", "v.json", "--matryoshka-dims", "384",
                                         "--matryoshka-dims", "64", "--cached-loss", "--hard-negatives", "2"])
