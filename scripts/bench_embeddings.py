@@ -96,7 +96,7 @@ def finetune_in_process_of_its_own(cfg: FinetuneConfig) -> dict:
     cmd = [sys.executable, "-m", "embeddings.finetune", "--train", str(cfg.train), "--val", str(cfg.val),
            "--out", str(cfg.out), "--model", cfg.model, "--learning-rate", str(cfg.learning_rate),
            "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed),
-           "--hard-negatives", str(cfg.hard_negatives)]
+           "--hard-negatives", str(cfg.hard_negatives), "--dtype", cfg.dtype]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if done.returncode:
         raise SystemExit(f"error: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")

@@ -25,6 +25,8 @@ the lowest and highest single-seed gain. Those gains are the best checkpoint's a
 embeddings.finetune scores them for its never-worse check, kept or not (`kept` counts the runs whose
 checkpoint was saved). The corpus's hand-written *held-out* questions, searched over all its chunks, are
 scored on the model finetune saved (the base itself when the check kept the base) and never choose.
+Each generator writes its own heldout.json (ICT's are sentences, llm's questions), so the ranking compares
+settings within one generator, not one generator against the other.
 """
 
 from __future__ import annotations
