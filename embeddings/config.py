@@ -45,6 +45,10 @@ class PrepareConfig:
                 "of the chunk is the query and the rest of the chunk the passage (no LLM, fast)."})
     questions_per_chunk: int = field(default=2, metadata={
         "help": "Queries per chunk: ICT sentences, or LLM questions (one prompt per picked sentence of the chunk)."})
+    check_generator: Literal["same", "llm"] = field(default="same", metadata={
+        "help": "Queries of val.json and heldout.json (the checkpoint choice and finetune's never-worse check): "
+                "same: from --generator; llm: questions written by --llm even with --generator ict (ICT's "
+                "sentence queries passed models that hurt hand-written questions; see the README)."})
     llm: str = field(default=SMOLLM2, metadata={
         "help": "LLM for --generator llm: a local folder (e.g. a merged model), a hub id, or the embedded 'smollm2'."})
     roundtrip_top_k: int = field(default=3, metadata={

@@ -453,6 +453,12 @@ def make_pairs(cfg: PrepareConfig) -> tuple[dict, Pairs, Pairs, Pairs | None]:
                     len(train_chunks), len(val_chunks), len(heldout_chunks), stats["max_chunk_tokens"], stats["split"])
         if cfg.generator == "ict":
             queries = ict_queries(chunks, cfg)
+            if cfg.check_generator == "llm":  # question-shaped queries where the model is checked
+                checks, stats["llm"] = llm_queries(val_chunks + heldout_chunks, cfg)
+                queries.update(checks)
+            else:
+                logger.info("note: val.json and heldout.json hold ICT sentences, so finetune checks the model against "
+                            "sentences, not questions; --check-generator llm checks it with the LLM's questions")
         else:
             queries, stats["llm"] = llm_queries(chunks, cfg)
             parsed = stats["llm"]["parsed"]

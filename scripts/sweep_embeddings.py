@@ -70,6 +70,8 @@ class SweepConfig:
     learning_rate: list[float] = field(default_factory=lambda: [5e-5, 1e-4, 2e-4], metadata={"help": "Repeatable."})
     epochs: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0], metadata={"help": "Repeatable."})
     batch_size: list[int] = field(default_factory=lambda: [16, 32], metadata={"help": "Repeatable."})
+    check_generator: str = field(default="same", metadata={
+        "help": "--corpus: embeddings.prepare --check-generator (same or llm).", "choices": ["same", "llm"]})
     hard_negatives: list[int] = field(default_factory=lambda: [FinetuneConfig.hard_negatives], metadata={
         "help": "Mined hard negatives per pair (repeatable)."})
     seed: list[int] = field(default_factory=lambda: [42], metadata={"help": "Training seeds (repeatable); scores are averaged."})
@@ -171,10 +173,12 @@ def sweep_corpora(cfg: SweepConfig, json_out=None) -> dict:
             roundtrip = cfg.roundtrip_top_k if generator == "llm" else [0]
             for qpc, top_k in itertools.product(cfg.questions_per_chunk, roundtrip):
                 data = f"q{qpc}" + (f"-rt{top_k}" if generator == "llm" else "")
+                data += "-checkllm" if generator == "ict" and cfg.check_generator == "llm" else ""
                 pairs = work / corpus / f"pairs-{generator}-{data}"
                 t = time.perf_counter()
                 prepare.main(PrepareConfig(docs=docs, out=pairs, generator=generator, questions_per_chunk=qpc,
-                                           roundtrip_top_k=top_k, cache=work / f"question_cache-{corpus}.jsonl"))
+                                           roundtrip_top_k=top_k, check_generator=cfg.check_generator,
+                                           cache=work / f"question_cache-{corpus}.jsonl"))
                 prepare_seconds = round(time.perf_counter() - t, 1)
                 sets = {"val": load_pairs(pairs / "val.json"), "heldout": load_pairs(pairs / "heldout.json"),
                         "handwritten": handwritten}

@@ -172,6 +172,18 @@ def test_smollm2_writes_questions_and_resumes_from_cache(smollm2_path, two_docs,
     assert (tmp_path / "a" / "train.json").read_text() == (tmp_path / "b" / "train.json").read_text()
 
 
+def test_ict_pairs_checked_with_llm_questions(smollm2_path, two_docs, tmp_path):
+    """--check-generator llm: ICT trains, SmolLM2's questions choose the checkpoint and check the model."""
+    cfg = PrepareConfig(docs=[two_docs], out=tmp_path / "a", generator="ict", check_generator="llm", chunk_tokens=40,
+                        chunk_overlap=0, max_chunks=1, max_new_tokens=40, cache=tmp_path / "cache.jsonl")
+    stats = main(cfg)
+    assert stats["llm"]["prompts"] >= 2  # the val (and held-out) chunk only: the training chunk is ICT's
+    train = load_pairs(tmp_path / "a" / "train.json")
+    val = load_pairs(tmp_path / "a" / "val.json")
+    assert all(not q.endswith("?") for q in train.queries.values())  # sentences cut from the chunk
+    assert val.queries and all(q.endswith("?") for q in val.queries.values())
+
+
 def test_roundtrip_filter_drops_questions_their_chunk_does_not_answer(minilm_path):
     texts = ["The bank sold its equipment leasing subsidiary to Bayline Capital for $415 million in cash.",
              "Net charge-offs were 0.31% of average loans, below the industry average of 0.45%.",
