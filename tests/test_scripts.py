@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO
 
 
-@pytest.mark.parametrize("script", ["bench_embeddings.py", "sweep_embeddings.py", "bench_llm_finetune.py", "bench_rag.py"])
+@pytest.mark.parametrize("script", ["bench_embeddings.py", "bench_embeddings_qa_pairs.py", "sweep_embeddings.py", "bench_llm_finetune.py", "bench_rag.py"])
 def test_script_help(script):
     run = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True,
                          timeout=120, cwd=REPO)
