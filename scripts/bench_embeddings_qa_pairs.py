@@ -2,7 +2,7 @@
 
 Good question/passage pairs (issue: "gains comparable to the reference project's +0.096"): each corpus's
 hand-written *tune*-half questions with their passages go through `embeddings.prepare --qa-file` and
-`embeddings.finetune` (defaults, each in its own process, as a user runs them); the saved model and the base
+`embeddings.finetune` (defaults; the fine-tune in its own process, as a user runs it); the saved model and the base
 are scored by NDCG@10 on the corpus's hand-written *held-out* questions over all its prepare chunks. One
 JSON object on stdout, a line per corpus on stderr.
 """
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -36,15 +34,14 @@ class QaPairsConfig:
 
 
 def main(cfg: QaPairsConfig) -> dict:
-    from embeddings import evaluate
-    from embeddings.config import PrepareConfig
-    from scripts.bench_embeddings import qa_pairs_over_chunks
+    from embeddings import evaluate, prepare
+    from embeddings.config import FinetuneConfig, PrepareConfig
+    from scripts.bench_embeddings import finetune_in_process_of_its_own, qa_pairs_over_chunks
     from tunerag.models import MINILM, load_embedder
     from tunerag.samples import corpus_files, corpus_questions
 
     work = Path(cfg.work or tempfile.mkdtemp(prefix="bench_qa_pairs-"))
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "TQDM_DISABLE": "1"}
     base = load_embedder(MINILM)
     out = {}
     for corpus in cfg.corpus:
@@ -52,14 +49,8 @@ def main(cfg: QaPairsConfig) -> dict:
         qa.write_text(json.dumps([{"question": it["question"], "passage": it["passage"]}
                                   for it in corpus_questions(corpus, "tune")]), encoding="utf-8")
         pairs, model = work / f"{corpus}-pairs", work / f"{corpus}-model"
-        for command in (["embeddings.prepare", "--qa-file", str(qa), "--question-column", "question",
-                         "--answer-column", "passage", "--out", str(pairs)],
-                        ["embeddings.finetune", "--train", str(pairs / "train.json"), "--val", str(pairs / "val.json"),
-                         "--out", str(model)]):
-            done = subprocess.run([sys.executable, "-m", *command], cwd=REPO, capture_output=True, text=True, env=env)
-            if done.returncode:
-                raise SystemExit(f"error: {command[0]} failed:\n{done.stderr[-2000:]}")
-        metrics = json.loads((model / "metrics.json").read_text())
+        prepare.main(PrepareConfig(qa_file=qa, question_column="question", answer_column="passage", out=pairs))
+        metrics = finetune_in_process_of_its_own(FinetuneConfig(train=pairs / "train.json", val=pairs / "val.json", out=model))
         handwritten, _ = qa_pairs_over_chunks(corpus_questions(corpus, "heldout"), PrepareConfig(docs=corpus_files(corpus)))
         scores = {name: evaluate.score(m, handwritten)["ndcg@10"] for name, m in (("base", base), ("tuned", load_embedder(str(model))))}
         out[corpus] = {"train_pairs": metrics["data"]["train_pairs"], "kept": metrics["kept"], "checks": metrics["checks"],

@@ -147,8 +147,11 @@ def main(cfg: SweepConfig, json_out=None) -> dict:
     return out
 
 
+SETTING = ("generator", "data", "learning_rate", "epochs", "batch_size", "hard_negatives")  # what a row was trained with
+
+
 def setting_key(row: dict) -> tuple:
-    return tuple(row[k] for k in ("generator", "data", "learning_rate", "epochs", "batch_size", "hard_negatives"))
+    return tuple(row[k] for k in SETTING)
 
 
 def sweep_corpora(cfg: SweepConfig, json_out=None) -> dict:
@@ -222,7 +225,7 @@ def sweep_corpora(cfg: SweepConfig, json_out=None) -> dict:
         settings.setdefault(setting_key(row), []).append(row)
     ranked = []
     for key, per_corpus in settings.items():
-        ranked.append({**dict(zip(("generator", "data", "learning_rate", "epochs", "batch_size", "hard_negatives"), key)),
+        ranked.append({**dict(zip(SETTING, key)),
                        "corpora": [r["corpus"] for r in per_corpus],
                        **{f"mean_{k}_gain": round(statistics.mean(r[f"{k}_gain"] for r in per_corpus), 4)
                           for k in ("heldout", "val", "handwritten")},
