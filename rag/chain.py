@@ -242,21 +242,25 @@ class NumberGuard:
         text = self.tokenizer.decode(input_ids[0, self.prompt_len:], skip_special_tokens=True)
         match = self.NUMBER_AT_END.search(text)
         current = match.group() if match and (match.start() == 0 or not text[match.start() - 1].isalnum()) else ""
+        digit_ids = [i for c, i in self.char_ids.items() if c.isdigit()]
         if current and current[-1] in ".," and current[:-1] in self.numbers and current not in self.prefixes:
-            current = ""  # "in 2025." : the number ended and its sentence did
-        allowed_digits = {c for c in "0123456789" if current + c in self.prefixes}
-        if current:
-            allowed_digits |= {c for c in ".," if current + c in self.prefixes}
-        masked = [i for c, i in self.char_ids.items() if c not in allowed_digits]
-        if current:
-            masked += self.multi_digit
-            if current not in self.numbers and allowed_digits:  # mid-number: it must go on to a real one
-                keep = [self.char_ids[c] for c in allowed_digits]
-                saved = scores[:, keep].clone()
-                scores[:, :] = float("-inf")
-                scores[:, keep] = saved
-                return scores
-        scores[:, masked] = float("-inf")
+            # "in 2025." / "$5.31," : the number ended and a sentence or clause goes on; a digit here
+            # would glue on a figure that is not in the prompt
+            scores[:, digit_ids + self.multi_digit] = float("-inf")
+            return scores
+        if not current:  # a number may start only as one of the prompt's; "." and "," end sentences and clauses
+            scores[:, [self.char_ids[c] for c in "0123456789" if c not in self.prefixes]] = float("-inf")
+            return scores
+        allowed = {c for c in "0123456789.," if current + c in self.prefixes}
+        if current in self.numbers:
+            allowed |= {".", ","}  # the figure is complete: punctuation may follow it
+        elif allowed:  # mid-number: it must go on to a real one
+            keep = [self.char_ids[c] for c in allowed]
+            saved = scores[:, keep].clone()
+            scores[:, :] = float("-inf")
+            scores[:, keep] = saved
+            return scores
+        scores[:, [i for c, i in self.char_ids.items() if c not in allowed] + self.multi_digit] = float("-inf")
         return scores
 
 

@@ -56,6 +56,10 @@ class BenchConfig:
         "help": "--answers: shares of grounded data and of the shipped instructions."})
     lr: float | None = field(default=None, metadata={"help": "--answers: learning rate (default: the preset's)."})
     lora_alpha: int | None = field(default=None, metadata={"help": "--answers: LoRA alpha (default: the preset's)."})
+    lora_targets: list[str] | None = field(default=None, metadata={
+        "help": "--answers: modules that get LoRA, repeatable (default: the preset's)."})
+    gradient_checkpointing: bool | None = field(default=None, metadata={
+        "help": "--answers: recompute activations in the backward pass (default: the preset's)."})
     qa_tune: bool = field(default=True, metadata={
         "help": "--answers: rag.raft also gets each corpus's hand-written tune-half questions (--qa-file); the "
                 "held-out half is never trained on."})
@@ -171,6 +175,9 @@ def spread(items: list, n: int) -> list:
     return items if not n or n >= len(items) else [items[i * len(items) // n] for i in range(n)]
 
 
+TRAIN_OVERRIDES = ("lr", "lora_alpha", "lora_targets", "gradient_checkpointing")  # --answers: preset values if None
+
+
 def grounded(cfg: BenchConfig) -> dict:
     """The --answers benchmark (see the module docstring)."""
     from llm_finetune.config import MergeConfig, TrainConfig
@@ -196,8 +203,8 @@ def grounded(cfg: BenchConfig) -> dict:
     overrides = {"max_steps": cfg.max_steps} if cfg.max_steps else {}
     train_cfg = TrainConfig(preset=cfg.preset, out=str(workdir / "run"), seed=cfg.seed,
                             data=[str(grounded_rows), str(SAMPLE_INSTRUCTIONS)], data_weight=list(cfg.data_weight),
-                            **overrides, **({"lr": cfg.lr} if cfg.lr else {}),
-                            **({"lora_alpha": cfg.lora_alpha} if cfg.lora_alpha else {}))
+                            **overrides, **{name: getattr(cfg, name) for name in TRAIN_OVERRIDES
+                                            if getattr(cfg, name) is not None})
     if not (workdir / "run" / "adapter_config.json").is_file():
         metrics = in_fresh_process(phase_ours, train_cfg)
     else:

@@ -196,3 +196,33 @@ def test_followup_set_answers_are_in_the_report(sample_doc):
     assert len(items) >= 20
     for it in items:
         assert it["answer"] in it["passage"] and it["passage"] in text and it["split"] in {"tune", "heldout"}
+
+
+@pytest.mark.parametrize("which", ["smollm2", "mistral"])
+def test_the_number_guard_keeps_figures_to_the_prompts_and_punctuation_free(which, smollm2_path, mistral_tokenizer):
+    """The guard once masked "." and "," everywhere but inside a number: no answer could end its sentence
+    (or put a comma after a figure), so every answer ran on to --max-new-tokens."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from rag.chain import NumberGuard
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path) if which == "smollm2" else mistral_tokenizer
+    guard = NumberGuard(tokenizer)
+    assert guard.enabled
+    prompt = tokenizer("Passages: Revenue rose 6.8% to $8.64 billion in 2025. Question: revenue?",
+                       add_special_tokens=False)["input_ids"]
+
+    def allowed_after(answer: str) -> str:
+        guard.reset()
+        guard(torch.tensor([prompt]), torch.zeros(1, len(tokenizer)))  # the first call reads the prompt
+        scores = guard(torch.tensor([prompt + tokenizer(answer, add_special_tokens=False)["input_ids"]]),
+                       torch.zeros(1, len(tokenizer)))
+        return "".join(c for c, i in guard.char_ids.items() if scores[0, i] > float("-inf"))
+
+    assert allowed_after("Revenue rose") == "268.,"  # free text: "." and ","; a figure starts as a prompt one
+    assert allowed_after("Revenue rose 6") == "."  # only on to 6.8
+    assert allowed_after("Revenue rose 8") == "."  # 8.64: a prefix of a prompt figure
+    assert allowed_after("Revenue rose 6.8") == ".,"  # 6.8 is complete: punctuation, no digit (no 6.85)
+    assert allowed_after("It was 8.64,") == ".,"  # a figure ended by a comma gets no digit glued on
+    assert allowed_after("It rose in 2025.") == ".,"
