@@ -221,6 +221,7 @@ class NumberGuard:
         self.tokenizer = tokenizer
         vocab = tokenizer.get_vocab()
         self.char_ids = {c: vocab[c] for c in "0123456789.," if c in vocab}
+        self.digit_ids = [i for c, i in self.char_ids.items() if c.isdigit()]
         # every other token holding a digit: masked inside a number, so digits come one at a time
         self.multi_digit = [i for tok, i in vocab.items() if len(tok) > 1 and not tok.isalpha() and any(map(str.isdigit, tok))]
         self.enabled = len(self.char_ids) == 12
@@ -242,11 +243,10 @@ class NumberGuard:
         text = self.tokenizer.decode(input_ids[0, self.prompt_len:], skip_special_tokens=True)
         match = self.NUMBER_AT_END.search(text)
         current = match.group() if match and (match.start() == 0 or not text[match.start() - 1].isalnum()) else ""
-        digit_ids = [i for c, i in self.char_ids.items() if c.isdigit()]
         if current and current[-1] in ".," and current[:-1] in self.numbers and current not in self.prefixes:
             # "in 2025." / "$5.31," : the number ended and a sentence or clause goes on; a digit here
             # would glue on a figure that is not in the prompt
-            scores[:, digit_ids + self.multi_digit] = float("-inf")
+            scores[:, self.digit_ids + self.multi_digit] = float("-inf")
             return scores
         if not current:  # a number may start only as one of the prompt's; "." and "," end sentences and clauses
             scores[:, [self.char_ids[c] for c in "0123456789" if c not in self.prefixes]] = float("-inf")
