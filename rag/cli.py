@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from rag.chain import is_no_answer, retrieval_query
+from rag.chain import is_no_answer, retrieval_query, search_text
 from rag.config import RagConfig
 from rag.context import best_unit, citations, evidence_passages, evidence_record, support
 from rag.retrieve import make_retriever, open_bm25
@@ -165,7 +165,8 @@ class Answerer:
                                  changed=changed)
         self.embeddings = embeddings
         self.retriever = make_retriever(store, bm25, cfg.k, sorted({d.metadata["source"] for d in docs}),
-                                        mode=cfg.retriever, bm25_weight=cfg.bm25_weight, abbreviations=cfg.abbreviations)
+                                        mode=cfg.retriever, bm25_weight=cfg.bm25_weight, abbreviations=cfg.abbreviations,
+                                        year_weight=cfg.year_weight)
         self.files = sorted({Path(d.metadata["source"]).name for d in docs})
         self.timings["index"] = time.perf_counter() - t
         self.stop = None
@@ -187,14 +188,14 @@ class Answerer:
     def retrieval_chain(self):
         from langchain_core.runnables import RunnableLambda
 
-        return RunnableLambda(lambda x: {**x, "source_documents": self.retriever.invoke(x.get("retrieval_query") or x["query"])})
+        return RunnableLambda(lambda x: {**x, "source_documents": self.retriever.invoke(search_text(x))})
 
     def extractive_chain(self):
         """{"query"} -> the best-matching sentence of the retrieved passages as the answer (no LLM)."""
         from langchain_core.runnables import RunnableLambda
 
         def answer(inputs: dict) -> dict:
-            docs = self.retriever.invoke(inputs.get("retrieval_query") or inputs["query"])
+            docs = self.retriever.invoke(search_text(inputs))
             unit = best_unit(inputs["query"], docs, self.embeddings.embed_documents)
             return {"query": inputs["query"], "source_documents": docs, "result": unit.text if unit else "",
                     "unit": unit}
@@ -227,6 +228,7 @@ class Answerer:
             set_seed(cfg.seed)
         self.model, self.tokenizer = model, tokenizer
         llm, self.stop = make_llm(model, tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                  copy=cfg.answer == "quote",
                                   decode_threads=cfg.decode_threads, prefill_model=prefill_model)
         window = context_window(model, tokenizer)
         if window <= cfg.max_new_tokens + 64:

@@ -35,6 +35,7 @@ class RagEvalConfig:
     gen_questions: int = field(default=66, metadata={"help": "Answer only the first N questions with each LLM (generation is slow on CPU)."})
     retriever: str = field(default=rag_default("retriever"), metadata={"help": "As rag.cli --retriever."})
     bm25_weight: float = field(default=rag_default("bm25_weight"), metadata={"help": "As rag.cli --bm25-weight."})
+    year_weight: float = field(default=rag_default("year_weight"), metadata={"help": "As rag.cli --year-weight."})
     dtype: str = field(default="auto", metadata={"help": "As rag.cli --dtype."})
     abbreviations: bool = field(default=rag_default("abbreviations"), metadata={"help": "As rag.cli --abbreviations."})
     context: str = field(default=rag_default("context"), metadata={"help": "As rag.cli --context."})
@@ -45,7 +46,8 @@ class RagEvalConfig:
     def rag_config(self, **overrides) -> RagConfig:
         settings = {"file": list(self.file), "question": "-", "k": self.k, "chunk_size": self.chunk_size,
                     "chunk_overlap": self.chunk_overlap, "max_new_tokens": self.max_new_tokens, "seed": self.seed,
-                    "retriever": self.retriever, "bm25_weight": self.bm25_weight, "context": self.context,
+                    "retriever": self.retriever, "bm25_weight": self.bm25_weight,
+                    "year_weight": self.year_weight, "context": self.context,
                     "context_tokens": self.context_tokens, "answer": self.answer, "dtype": self.dtype,
                     "abbreviations": self.abbreviations}
         return RagConfig(**(settings | overrides))
@@ -101,7 +103,7 @@ def bench_llm(cfg: RagEvalConfig, spec: str, embedder: str, items: list[dict], p
         t = time.perf_counter()
         marks = answerer.ask(item["question"], out, on_token=lambda _: stamps.append(time.perf_counter()))
         ttft.append(marks.get("first_token", time.perf_counter() - t))
-        if cfg.answer == "llm":
+        if cfg.answer != "extractive":
             tokens = len(answerer.tokenizer(out["result"], add_special_tokens=False)["input_ids"])
             if len(stamps) > 1 and tokens > 1:
                 rates.append((tokens - 1) / (stamps[-1] - stamps[0]))
@@ -114,8 +116,8 @@ def bench_llm(cfg: RagEvalConfig, spec: str, embedder: str, items: list[dict], p
                         "citations": out.get("citations"), "answer_in_passages": shown[-1], "declined": declined[-1]})
         logger.info("%s %s: %s | expected %s", item["id"], "ok " if matches[-1] else "no ", out["result"][:100].replace("\n", " "), item["answer"])
     return {
-        "llm": spec if cfg.answer == "llm" else "(extractive)", "embeddings": embedder, "retriever": cfg.retriever,
-        "context": cfg.context if cfg.answer == "llm" else "-", "questions": len(matches),
+        "llm": spec if cfg.answer != "extractive" else "(extractive)", "answer": cfg.answer, "embeddings": embedder,
+        "retriever": cfg.retriever, "context": cfg.context if cfg.answer != "extractive" else "-", "questions": len(matches),
         "load_s": round(answerer.timings.get("load_llm", 0.0), 3),
         "first_token_median_s": round(statistics.median(ttft), 3), "first_token_p95_s": round(percentile(ttft, 0.95), 3),
         "tokens_per_s_median": round(statistics.median(rates), 2) if rates else None,

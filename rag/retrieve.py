@@ -19,11 +19,12 @@ import logging
 import re
 import shutil
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 from rag.abbreviations import defined_in, spelled_out
-from rag.index import ID_BATCH
+from rag.index import ID_BATCH, document_title
 from tunerag.common import first_line, replace_folder, temp_folder
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ BM25_META = "tunerag-bm25.json"
 BM25_ROWS = "sentences"  # what one BM25 row is; an index stored with other rows is rebuilt
 BM25_FORMAT = 2  # 2: the documents' abbreviations are stored with the index
 ROWS_PER_HIT = 10  # sentence rows fetched per chunk wanted: a chunk's sentences often rank together
+QUESTION_YEAR = re.compile(r"(?<!\d)(?:19|20)\d\d(?!\d)")
+TITLE_YEAR = re.compile(r"(?<!\d)(?:19|20)\d\d")  # a file named for its date, "aapl-20240928", names 2024
 
 
 def import_bm25s():
@@ -115,6 +118,11 @@ class Bm25Index:
     sources: list[str]
     stem: bool
     abbreviations: dict[str, str]  # defined in the chunks: {"NSFR": "net stable funding ratio"}
+
+    @cached_property
+    def source_of(self) -> dict[str, str]:
+        """{chunk id: its source file}."""
+        return dict(zip(self.ids, self.sources))
 
     def uses(self, word: str) -> bool:
         """Whether the indexed text has `word` (as BM25 tokenizes it)."""
@@ -230,6 +238,16 @@ def open_bm25(collection, folder: Path, stem: bool = True, changed: bool = False
     return index
 
 
+def year_ranking(query: str, fused: list[str], title_of: dict[str, str]) -> list[str]:
+    """The `fused` ids (best first) of chunks whose document title names a year the question names: "the
+    CET1 ratio in 2024" is most often answered by the 2024 report, whose sentences the 2023 and 2025
+    reports repeat with other figures. Empty when the question names no year or no title has it."""
+    years = set(QUESTION_YEAR.findall(query))
+    if not years:
+        return []
+    return [i for i in fused if years & set(TITLE_YEAR.findall(title_of.get(i, "")))]
+
+
 def rrf(rankings: dict[str, list[str]], weights: dict[str, float]) -> list[tuple[str, float, list[str]]]:
     """(id, fused score, sides that found it), best first: sum over sides of weight / (RRF_K + rank)."""
     fused: dict[str, float] = {}
@@ -242,7 +260,8 @@ def rrf(rankings: dict[str, list[str]], weights: dict[str, float]) -> list[tuple
 
 
 def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mode: str = "hybrid",
-                   bm25_weight: float = 1.0, fetch_k: int | None = None, abbreviations: bool = True):
+                   bm25_weight: float = 1.0, fetch_k: int | None = None, abbreviations: bool = True,
+                   year_weight: float = 0.0):
     from langchain_core.callbacks import CallbackManagerForRetrieverRun
     from langchain_core.documents import Document
     from langchain_core.retrievers import BaseRetriever
@@ -250,8 +269,9 @@ def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mo
 
     class HybridRetriever(BaseRetriever):
         """Top-k chunks of the given files. metadata["score"]: the cosine similarity (dense), the BM25
-        score (bm25) or the fused RRF score (hybrid); "found_by": the sides that ranked it; for hybrid
-        also "dense_score" and "bm25_score" where that side found it."""
+        score (bm25) or the fused RRF score (hybrid); "found_by": the sides that ranked it ("year": its
+        document's title names the question's year, year_ranking); for hybrid also "dense_score" and
+        "bm25_score" where that side found it."""
 
         model_config = ConfigDict(arbitrary_types_allowed=True)
         store: Any
@@ -262,6 +282,7 @@ def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mo
         bm25_weight: float
         fetch_k: int
         abbreviations: bool
+        year_weight: float
 
         def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
             dense_query = lexical_query = query
@@ -283,8 +304,16 @@ def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mo
             elif self.mode == "bm25":
                 ranked = [(i, round(s, 4), ["bm25"]) for i, s in lexical]
             else:
-                ranked = rrf({"dense": list(dense), "bm25": [i for i, _ in lexical]},
-                             {"dense": 1.0, "bm25": self.bm25_weight})
+                rankings = {"dense": list(dense), "bm25": [i for i, _ in lexical]}
+                weights = {"dense": 1.0, "bm25": self.bm25_weight, "year": self.year_weight}
+                ranked = rrf(rankings, weights)
+                if self.year_weight > 0:
+                    sources = self.bm25.source_of if self.bm25 is not None else {}
+                    titles = {i: document_title(sources[i]) for i, _ in lexical}
+                    titles |= {i: d.metadata.get("title", "") for i, (d, _) in dense.items()}
+                    years = year_ranking(query, [i for i, _, _ in ranked], titles)
+                    if years:
+                        ranked = rrf({**rankings, "year": years}, weights)
             ranked = ranked[: self.k]
             missing = [i for i, _, _ in ranked if i not in dense]
             fetched = {}
@@ -307,4 +336,4 @@ def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mo
             return out
 
     return HybridRetriever(store=store, bm25=bm25, k=k, sources=sources, mode=mode, bm25_weight=bm25_weight,
-                           fetch_k=fetch_k or max(4 * k, 20), abbreviations=abbreviations)
+                           fetch_k=fetch_k or max(4 * k, 20), abbreviations=abbreviations, year_weight=year_weight)

@@ -47,12 +47,14 @@ class BenchRagConfig:
         "help": "Retrievers to score for answer-in-top-k (repeat)."})
     configs: list[str] = field(default_factory=lambda: ["hybrid/sentences", "hybrid/sentences@float32", "hybrid/chunks",
                                                         "dense/chunks@float32", "hybrid/extractive"], metadata={
-        "help": "Answer configurations RETRIEVER/CONTEXT[@DTYPE] or RETRIEVER/extractive (repeat); dense/chunks@float32 "
+        "help": "Answer configurations RETRIEVER/CONTEXT[+quote][@DTYPE] or RETRIEVER/extractive (repeat); +quote: "
+                "--answer quote; dense/chunks@float32 "
                 "is the old path, @float32 beside the default (auto: bfloat16 where the CPU has it) checks the fast path."})
     embeddings: str = field(default=MINILM, metadata={"help": "Embedder."})
     llm: str = field(default=SMOLLM2, metadata={"help": "LLM."})
     k: int = field(default=rag_default("k"), metadata={"help": "Passages per question given to the LLM."})
     bm25_weight: float = field(default=rag_default("bm25_weight"), metadata={"help": "As rag.cli --bm25-weight."})
+    year_weight: float = field(default=rag_default("year_weight"), metadata={"help": "As rag.cli --year-weight."})
     abbreviations: bool = field(default=rag_default("abbreviations"), metadata={"help": "As rag.cli --abbreviations."})
     context_tokens: int = field(default=rag_default("context_tokens"), metadata={"help": "As rag.cli --context-tokens."})
     max_new_tokens: int = field(default=48, metadata={"help": "Longest answer; the expected answers are short figures."})
@@ -104,7 +106,7 @@ def main(cfg: BenchRagConfig) -> dict:
         items = corpus_questions(corpus, cfg.split)
         base = RagEvalConfig(embeddings=[cfg.embeddings], llm=[cfg.llm], file=corpus_files(corpus), k=cfg.k,
                              max_new_tokens=cfg.max_new_tokens, gen_questions=cfg.gen_questions or len(items),
-                             bm25_weight=cfg.bm25_weight, context_tokens=cfg.context_tokens, seed=cfg.seed,
+                             bm25_weight=cfg.bm25_weight, year_weight=cfg.year_weight, context_tokens=cfg.context_tokens, seed=cfg.seed,
                              abbreviations=cfg.abbreviations)
         retrieval, generation = [], []
         with tempfile.TemporaryDirectory(prefix="bench_rag-") as tmp:
@@ -114,8 +116,10 @@ def main(cfg: BenchRagConfig) -> dict:
             for config in cfg.configs:
                 config, _, dtype = config.partition("@")
                 retriever, _, mode = config.partition("/")
-                run = replace(base, retriever=retriever, answer="extractive" if mode == "extractive" else "llm",
-                              context=mode if mode != "extractive" else "sentences", dtype=dtype or "auto")
+                mode, _, quote = mode.partition("+")
+                run = replace(base, retriever=retriever, context=mode if mode != "extractive" else "sentences",
+                              answer="extractive" if mode == "extractive" else "quote" if quote == "quote" else "llm",
+                              dtype=dtype or "auto")
                 generation.append({**bench_llm(run, cfg.llm, cfg.embeddings, items, store), "dtype": run.dtype})
         results[corpus] = {"questions": len(items), "retrieval": retrieval, "generation": generation}
     result = {"bench": "rag", "config": asdict(cfg), "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -139,7 +143,8 @@ def print_table(results: dict[str, dict]) -> None:
         print(f"{'answer config':<22} {'n':>4} {'answer':>7} {'evidence':>8} {'TTFT med':>9} {'tok/s':>6}", file=err)
         for g in r["generation"]:
             rate = f"{g['tokens_per_s_median']:.1f}" if g["tokens_per_s_median"] else "-"
-            label = f"{g['retriever']}/{g['context'] if g['llm'] != '(extractive)' else 'extractive'} {g['dtype']}"
+            label = f"{g['retriever']}/{g['context'] if g['llm'] != '(extractive)' else 'extractive'}"
+            label += f"{'+quote' if g.get('answer') == 'quote' else ''} {g['dtype']}"
             print(f"{label:<22} {g['questions']:>4} {g['answer_match']:>7.3f} {g['evidence_match']:>8.3f} "
                   f"{g['first_token_median_s']:>9.2f} {rate:>6}", file=err)
 

@@ -226,3 +226,42 @@ def test_the_number_guard_keeps_figures_to_the_prompts_and_punctuation_free(whic
     assert allowed_after("Revenue rose 6.8") == ".,"  # 6.8 is complete: punctuation, no digit (no 6.85)
     assert allowed_after("It was 8.64,") == ".,"  # a figure ended by a comma gets no digit glued on
     assert allowed_after("It rose in 2025.") == ".,"
+
+
+@pytest.mark.parametrize("which", ["smollm2", "mistral"])
+def test_the_copy_guard_lets_the_llm_write_only_a_sentence_of_its_passages(which, smollm2_path, mistral_tokenizer):
+    """--answer quote: whatever the model's scores, the answer is one passage sentence word for word
+    (with or without its citation) or the no-answer line, then the end of sequence."""
+    import torch
+    from langchain_core.documents import Document
+    from transformers import AutoTokenizer
+
+    from rag.chain import NO_ANSWER, CopyGuard, prompt_passages
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path) if which == "smollm2" else mistral_tokenizer
+    passages = [Document(page_content="Revenue rose 6.8% to $8.64 billion in 2025. Costs fell."),
+                Document(page_content="The CET1 ratio was 11.4% at year end, up from 11.1%.")]
+    prompt = render_prompt(tokenizer, passages, "What was revenue in 2025?")
+    assert prompt_passages(prompt) == {1: passages[0].page_content, 2: passages[1].page_content}
+    eos = tokenizer.eos_token_id
+    sentences = {"Revenue rose 6.8% to $8.64 billion in 2025.": 1, "Costs fell.": 1,
+                 "The CET1 ratio was 11.4% at year end, up from 11.1%.": 2}
+    allowed_answers = {NO_ANSWER, *sentences, *(f"{s} [{n}]" for s, n in sentences.items())}
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    written = set()
+    for seed in range(12):
+        guard = CopyGuard(tokenizer, [eos])
+        generator = torch.Generator().manual_seed(seed)
+        ids = list(prompt_ids)
+        for _ in range(60):
+            scores = guard(torch.tensor([ids]), torch.randn(1, len(tokenizer), generator=generator))
+            token = int(scores.argmax())
+            if token == eos:
+                break
+            ids.append(token)
+        else:
+            raise AssertionError("the guarded answer never ended")
+        answer = tokenizer.decode(ids[len(prompt_ids):], skip_special_tokens=True).strip()
+        assert answer in allowed_answers, answer
+        written.add(answer)
+    assert len(written) > 1  # the scores choose which sentence

@@ -118,6 +118,30 @@ def test_hybrid_finds_figures_dense_misses_and_handles_no_overlap(tmp_path, mini
     assert set(top.metadata) >= {"score", "found_by", "source", "chunk"}
 
 
+def test_the_year_side_ranks_the_named_years_report_first(tmp_path, minilm):
+    """Two reports that repeat each other's sentences with other figures: without the year side the
+    question's year is one word among many; with it, the chunks of the report titled with that year lead."""
+    from rag.retrieve import year_ranking
+
+    assert year_ranking("CET1 in 2024?", ["a", "b", "c"], {"a": "acme 2023 report", "b": "acme 20240928 10k",
+                                                            "c": "acme 2024 report"}) == ["b", "c"]
+    assert year_ranking("CET1 ratio?", ["a"], {"a": "acme 2024 report"}) == []
+    files = []
+    for year, other, cet1 in ((2023, 2022, "10.3%"), (2024, 2023, "10.9%")):
+        path = tmp_path / f"acme_{year}_annual_report.txt"
+        path.write_text(f"Acme Bank annual report. At December 31, {year}, the common equity tier 1 ratio was {cet1}, "
+                        f"compared with the ratio at December 31, {other}. Our capital stayed strong in {year}.")
+        files.append(path)
+    store, docs, report, bm25, _ = build(tmp_path / "db", files, minilm)
+    sources = sorted({d.metadata["source"] for d in docs})
+    question = "What was Acme's common equity tier 1 ratio at the end of 2023?"
+    with_year = make_retriever(store, bm25, 2, sources, year_weight=0.5).invoke(question)
+    assert "10.3%" in with_year[0].page_content and "year" in with_year[0].metadata["found_by"]
+    assert "year" not in with_year[1].metadata["found_by"]
+    plain = make_retriever(store, bm25, 2, sources, year_weight=0.0).invoke(question)
+    assert all("year" not in d.metadata["found_by"] for d in plain)
+
+
 def test_one_tiny_chunk_corpus(tmp_path, minilm):
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("CET1 11.4%.")
