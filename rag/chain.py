@@ -52,22 +52,6 @@ def user_message(passages: list[Any], question: str) -> str:
     return f"Question: {question}\n\nPassages:\n{context}\n\nQuestion: {question}\n{ANSWER_STYLE}"
 
 
-PASSAGE_START = re.compile(r"(?:^|\n\n)\[(\d{1,2})\] ")
-
-
-def prompt_passages(prompt: str) -> dict[int, str]:
-    """{n: text} of the numbered passages of the last question in a prompt that user_message wrote (the
-    inverse of its context part; CopyGuard reads the passages back from the prompt it is given)."""
-    start = prompt.rfind("\nPassages:\n")
-    end = prompt.find("\n\nQuestion: ", start)
-    if start < 0 or end < 0:
-        return {}
-    context = prompt[start + len("\nPassages:\n"):end]
-    marks = list(PASSAGE_START.finditer(context))
-    return {int(m.group(1)): context[m.end():marks[i + 1].start() if i + 1 < len(marks) else len(context)].strip()
-            for i, m in enumerate(marks)}
-
-
 FOLLOWUP_START = ("and ", "what about", "how about", "what of", "also", "then", "same ", "its ", "it ", "they ",
                   "their ", "that ", "those ", "there ", "this ")
 
@@ -286,54 +270,8 @@ class NumberGuard:
         return scores
 
 
-class CopyGuard:
-    """A logits processor that makes the answer a word-for-word copy of one sentence of the prompt's
-    passages (a unit of rag.retrieve.split_units), optionally followed by its citation " [n]", or the
-    no-answer line (NO_ANSWER), then the end of sequence: the LLM chooses which sentence, token by token,
-    and cannot write anything else. A 135M model asked to copy the answering sentence otherwise starts
-    "The answer to the question is:" or copies half the prompt. Greedy or sampled, the choice among the
-    allowed tokens is the model's."""
-
-    def __init__(self, tokenizer, eos_token_ids: list[int]):
-        self.tokenizer = tokenizer
-        self.eos = eos_token_ids[0]
-        self.prompt_len: int | None = None
-        self.candidates: list[list[int]] = []
-
-    def reset(self) -> None:
-        self.prompt_len = None
-
-    def sequences(self, prompt: str) -> list[list[int]]:
-        from rag.retrieve import split_units
-
-        encode = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        seqs = [encode(NO_ANSWER)]
-        for n, text in prompt_passages(prompt).items():
-            for start, end in split_units(text):
-                unit, cited = encode(text[start:end]), encode(f"{text[start:end]} [{n}]")
-                seqs += [unit, cited] if cited[:len(unit)] == unit else [unit]
-        return [s for s in seqs if s]
-
-    def __call__(self, input_ids, scores):
-        if input_ids.shape[0] != 1:
-            return scores
-        if self.prompt_len is None or input_ids.shape[1] < self.prompt_len:
-            self.prompt_len = input_ids.shape[1]
-            self.candidates = self.sequences(self.tokenizer.decode(input_ids[0], skip_special_tokens=True))
-        written = input_ids[0, self.prompt_len:].tolist()
-        n = len(written)
-        self.candidates = [s for s in self.candidates if s[:n] == written]
-        allowed = sorted({s[n] if n < len(s) else self.eos for s in self.candidates})
-        if not allowed:  # nothing to copy (no passages): the guard steps aside
-            return scores
-        saved = scores[:, allowed].clone()
-        scores[:, :] = float("-inf")
-        scores[:, allowed] = saved
-        return scores
-
-
 def make_llm(model, tokenizer, *, max_new_tokens: int = 256, temperature: float = 0.0, decode_threads: int = 0,
-             grounded_numbers: bool = True, copy: bool = False, prefill_model=None):
+             grounded_numbers: bool = True, prefill_model=None):
     """(LocalLLM over `model`, its StopFlag). `decode_threads` > 0: torch threads while writing the answer
     (the prompt is read with all of them); 0 keeps torch's count. `grounded_numbers`: the NumberGuard, so
     every figure in an answer is one of the prompt's. `prefill_model`: see LocalLLM."""
@@ -345,8 +283,7 @@ def make_llm(model, tokenizer, *, max_new_tokens: int = 256, temperature: float 
     if not eos_ids:
         raise TuneragError("the LLM has no end-of-sequence token (tokenizer, generation config or model config)")
     stop = StopFlag()
-    # the CopyGuard is stricter than the NumberGuard (every token is the passages'): one of them at a time
-    processors = [CopyGuard(tokenizer, eos_ids)] if copy else [NumberGuard(tokenizer)] if grounded_numbers else []
+    processors = [NumberGuard(tokenizer)] if grounded_numbers else []
     llm = LocalLLM(model=model, tokenizer=tokenizer, processors=processors, max_new_tokens=max_new_tokens,
                    temperature=temperature, eos_token_ids=eos_ids, stop=stop, decode_threads=decode_threads,
                    prefill_model=prefill_model)

@@ -228,7 +228,6 @@ class Answerer:
             set_seed(cfg.seed)
         self.model, self.tokenizer = model, tokenizer
         llm, self.stop = make_llm(model, tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                  copy=cfg.answer == "quote",
                                   decode_threads=cfg.decode_threads, prefill_model=prefill_model)
         window = context_window(model, tokenizer)
         if window <= cfg.max_new_tokens + 64:

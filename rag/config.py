@@ -47,10 +47,9 @@ class RagConfig:
         "help": "sentences: the LLM reads only the retrieved chunks' sentences that best match the question, up to "
                 "--context-tokens (best for small LLMs); chunks: the whole chunks."})
     context_tokens: int = field(default=160, metadata={"help": "--context sentences: token budget of the kept sentences."})
-    answer: Literal["llm", "quote", "extractive"] = field(default="llm", metadata={
-        "help": "llm: the LLM writes the answer; quote: the LLM picks one sentence of the passages and copies it word "
-                "for word, then its citation (rag.chain.CopyGuard; a local LLM only); extractive: the best-matching "
-                "sentence itself, no LLM (fast, never invents a figure)."})
+    answer: Literal["llm", "extractive"] = field(default="llm", metadata={
+        "help": "llm: the LLM writes the answer; extractive: the best-matching sentence itself, no LLM (fast, never "
+                "invents a figure)."})
     chunk_size: int = field(default=512, metadata={
         "help": "Chunk size in tokens of the embedder; capped at what the embedder reads (256 for MiniLM)."})
     chunk_overlap: int = field(default=50, metadata={"help": "Tokens shared by neighbouring chunks."})
@@ -114,9 +113,6 @@ class RagConfig:
 
         if self.chroma_header and self.chroma_url is None:
             raise ValueError("--chroma-header is sent to a --chroma-url server; pass --chroma-url too")
-        if self.answer == "quote" and self.llm_url is not None:
-            raise ValueError("--answer quote steers the LLM token by token, which a --llm-url server does not allow; "
-                             "use --answer llm with --llm-url, or a local --llm")
         if self.llm_model is not None and self.llm_url is None:
             raise ValueError("--llm-model names a model of the --llm-url server; pass --llm-url too")
         self.chroma_url = check_url("--chroma-url", self.chroma_url) if self.chroma_url is not None else None

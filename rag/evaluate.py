@@ -103,7 +103,7 @@ def bench_llm(cfg: RagEvalConfig, spec: str, embedder: str, items: list[dict], p
         t = time.perf_counter()
         marks = answerer.ask(item["question"], out, on_token=lambda _: stamps.append(time.perf_counter()))
         ttft.append(marks.get("first_token", time.perf_counter() - t))
-        if cfg.answer != "extractive":
+        if cfg.answer == "llm":
             tokens = len(answerer.tokenizer(out["result"], add_special_tokens=False)["input_ids"])
             if len(stamps) > 1 and tokens > 1:
                 rates.append((tokens - 1) / (stamps[-1] - stamps[0]))
@@ -116,8 +116,8 @@ def bench_llm(cfg: RagEvalConfig, spec: str, embedder: str, items: list[dict], p
                         "citations": out.get("citations"), "answer_in_passages": shown[-1], "declined": declined[-1]})
         logger.info("%s %s: %s | expected %s", item["id"], "ok " if matches[-1] else "no ", out["result"][:100].replace("\n", " "), item["answer"])
     return {
-        "llm": spec if cfg.answer != "extractive" else "(extractive)", "answer": cfg.answer, "embeddings": embedder,
-        "retriever": cfg.retriever, "context": cfg.context if cfg.answer != "extractive" else "-", "questions": len(matches),
+        "llm": spec if cfg.answer == "llm" else "(extractive)", "embeddings": embedder, "retriever": cfg.retriever,
+        "context": cfg.context if cfg.answer == "llm" else "-", "questions": len(matches),
         "load_s": round(answerer.timings.get("load_llm", 0.0), 3),
         "first_token_median_s": round(statistics.median(ttft), 3), "first_token_p95_s": round(percentile(ttft, 0.95), 3),
         "tokens_per_s_median": round(statistics.median(rates), 2) if rates else None,
