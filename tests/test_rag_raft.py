@@ -96,7 +96,7 @@ def test_rows_are_the_prompt_rag_cli_sends(raft_run):
     tokenizer = load_tokenizer(resolve_llm("smollm2"))
     answerer = Answerer(RagConfig(file=cfg.docs, retrieve_only=True, persist_dir=cfg.persist_dir), 0.0)
     select = lambda q, docs: evidence_passages(q, docs, answerer.embeddings.embed_documents,  # noqa: E731
-                                               lambda t: count_tokens(tokenizer, t), 160)
+                                               lambda t: count_tokens(tokenizer, t), cfg.context_tokens)
     question = row["messages"][1]["content"].split("\n", 1)[0].removeprefix("Question: ")
     step = build_prompt_step(answerer.retriever, tokenizer, 8000, select)
     prompt = step.invoke({"query": question})["prompt"]
