@@ -1,6 +1,6 @@
 """Evidence-first context for small LLMs, and the evidence and citations of an answer.
 
-A 135M model reads 1,000 tokens of passages badly and 150 tokens of the right sentences well. So
+A 135M model reads 1,000 tokens of passages badly and the right sentence or two well. So
 (`--context sentences`) each retrieved chunk is cut into units - sentences, and table rows or other
 long runs cut to at most MAX_UNIT_WORDS words - every unit is scored against the question (cosine of
 the embedder with the question's abbreviations spelled out, plus the share of the question's BM25 terms
@@ -30,7 +30,8 @@ FRAGMENT_WORDS = 6  # a unit this short gets the unit before it, so it reads as 
 # halves' questions (mean of sample, long, policy) at 0.5, 0.627 at 1.5, 0.633 at 2.0, 0.627 at 3.0.
 # The LLM's context is chosen by the same score (with FIGURE_WEIGHT and the question spelled out): on the
 # first 80 questions of the long corpus's tuning half SmolLM2's answer held the figure for 0.212 with
-# the old context score (weight 0.5, no figure weight) and 0.275 with this one (160 tokens each).
+# the old context score (weight 0.5, no figure weight) and 0.275 with this one (160 tokens each; rag.cli's
+# --context-tokens 40 then made it 0.388, see README).
 LEXICAL_WEIGHT = 2.0
 # A figure in a unit, against the question: most questions about a filing ask for one (a heading or an
 # introduction sentence otherwise wins on the question's words). Picking one sentence of the hybrid top 4
