@@ -165,8 +165,8 @@ class Answerer:
                                  changed=changed)
         self.embeddings = embeddings
         self.retriever = make_retriever(store, bm25, cfg.k, sorted({d.metadata["source"] for d in docs}),
-                                        mode=cfg.retriever, bm25_weight=cfg.bm25_weight, abbreviations=cfg.abbreviations,
-                                        year_weight=cfg.year_weight)
+                                        mode=cfg.retriever, bm25_weight=cfg.bm25_weight, year_weight=cfg.year_weight,
+                                        abbreviations=cfg.abbreviations)
         self.files = sorted({Path(d.metadata["source"]).name for d in docs})
         self.timings["index"] = time.perf_counter() - t
         self.stop = None

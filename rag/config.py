@@ -47,8 +47,9 @@ class RagConfig:
         "help": "sentences: the LLM reads only the retrieved chunks' sentences that best match the question, up to "
                 "--context-tokens (best for small LLMs); chunks: the whole chunks."})
     context_tokens: int = field(default=40, metadata={
-        "help": "--context sentences: token budget of the kept sentences; the best one is kept whatever its length (40: "
-                "SmolLM2's best answer match on all three tuning halves among 30-160, see README; more for a larger --llm)."})
+        "help": "--context sentences: token budget of the kept sentences; the best one is kept whatever its length "
+                "(40: SmolLM2's best answer match on all three tuning halves among 30-160, see README; more for a "
+                "larger --llm)."})
     answer: Literal["llm", "extractive"] = field(default="llm", metadata={
         "help": "llm: the LLM writes the answer; extractive: the best-matching sentence itself, no LLM (fast, never "
                 "invents a figure)."})

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rag.abbreviations import defined_in, spelled_out
-from rag.retrieve import bm25_tokens, split_units
+from rag.retrieve import YEAR, bm25_tokens, split_units
 
 FRAGMENT_WORDS = 6  # a unit this short gets the unit before it, so it reads as a sentence
 # Weight of the question-term share against the embedder's cosine. Picking one sentence (the extractive
@@ -41,7 +41,6 @@ LEXICAL_WEIGHT = 2.0
 FIGURE_WEIGHT = 0.3
 CITATION = re.compile(r"\[(\d{1,2})\]")
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
-YEAR = re.compile(r"(?:19|20)\d\d")
 
 
 @dataclass

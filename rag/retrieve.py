@@ -39,7 +39,7 @@ BM25_META = "tunerag-bm25.json"
 BM25_ROWS = "sentences"  # what one BM25 row is; an index stored with other rows is rebuilt
 BM25_FORMAT = 2  # 2: the documents' abbreviations are stored with the index
 ROWS_PER_HIT = 10  # sentence rows fetched per chunk wanted: a chunk's sentences often rank together
-QUESTION_YEAR = re.compile(r"(?<!\d)(?:19|20)\d\d(?!\d)")
+YEAR = re.compile(r"(?<!\d)(?:19|20)\d\d(?!\d)")  # a year on its own, not inside a longer number
 TITLE_YEAR = re.compile(r"(?<!\d)(?:19|20)\d\d")  # a file named for its date, "aapl-20240928", names 2024
 
 
@@ -242,7 +242,7 @@ def year_ranking(query: str, fused: list[str], title_of: dict[str, str]) -> list
     """The `fused` ids (best first) of chunks whose document title names a year the question names: "the
     CET1 ratio in 2024" is most often answered by the 2024 report, whose sentences the 2023 and 2025
     reports repeat with other figures. Empty when the question names no year or no title has it."""
-    years = set(QUESTION_YEAR.findall(query))
+    years = set(YEAR.findall(query))
     if not years:
         return []
     return [i for i in fused if years & set(TITLE_YEAR.findall(title_of.get(i, "")))]

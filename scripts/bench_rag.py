@@ -105,7 +105,8 @@ def main(cfg: BenchRagConfig) -> dict:
         items = corpus_questions(corpus, cfg.split)
         base = RagEvalConfig(embeddings=[cfg.embeddings], llm=[cfg.llm], file=corpus_files(corpus), k=cfg.k,
                              max_new_tokens=cfg.max_new_tokens, gen_questions=cfg.gen_questions or len(items),
-                             bm25_weight=cfg.bm25_weight, year_weight=cfg.year_weight, context_tokens=cfg.context_tokens, seed=cfg.seed,
+                             bm25_weight=cfg.bm25_weight, year_weight=cfg.year_weight,
+                             context_tokens=cfg.context_tokens, seed=cfg.seed,
                              abbreviations=cfg.abbreviations)
         retrieval, generation = [], []
         with tempfile.TemporaryDirectory(prefix="bench_rag-") as tmp:

@@ -22,7 +22,8 @@ def test_a_long_hyphenated_run_is_read_in_bounded_work(monkeypatch):
 
     calls = []
     real = abbreviations.initials_match
-    monkeypatch.setattr(abbreviations, "initials_match", lambda words, abbr: calls.append(len(words)) or real(words, abbr))
+    monkeypatch.setattr(abbreviations, "initials_match",
+                        lambda words, abbr: calls.append(len(words)) or real(words, abbr))
     assert defined_in(["x" + "-ab" * 2000 + " (AB) " + "a-b " * 2000]) == {}  # "ab ab (AB)": no first-word match
     assert calls and len(calls) <= abbreviations.MAX_LONG_WORDS and max(calls) <= abbreviations.MAX_LONG_WORDS
 
