@@ -12,7 +12,11 @@ supporting sentence copied word for word, then its passage number, "... [2]". Qu
 evidence) or from a Q/A file. RAFT's two twists: when retrieval misses the answering chunk it is put
 in at a random place among the distractors, and for a share of questions (--p-missing) every passage
 that holds the evidence is removed and the target is `rag.chain.NO_ANSWER`. A question whose sentence the
-evidence-first context cut away is skipped (counted): neither a quote nor a fair "I don't know".
+evidence-first context cut away is skipped (counted): neither a quote nor a fair "I don't know". And questions
+about documents you did not give (--p-foreign: the tune halves of the shipped sample corpora that are not among
+DOCS, about other, fictional, companies) come with what the retriever returns for them and the same
+"I don't know" target: the passages then hold related words but never the answer, the case a user meets
+when the documents do not cover a question.
 
 Train and val never share a chunk (embeddings.prepare's split by document or by position); each row
 carries `"split"`, which llm_finetune.train honours. The output is written whole or not at all; the
@@ -33,10 +37,12 @@ from embeddings.prepare import document_chunks, sentence_questions
 from llm_finetune.data import load_rows
 from rag.chain import NO_ANSWER, count_tokens, prompt_messages
 from rag.config import RagConfig, rag_default
-from rag.context import evidence_passages
+from rag.context import NUMBER, evidence_passages
 from rag.metrics import answer_matches, squash
+from rag.retrieve import YEAR
 from tunerag.common import TuneragError, run_cli, stable_rng, tunerag_home, write_text_atomic
 from tunerag.models import MINILM, SMOLLM2
+from tunerag.samples import CORPORA, corpus_files, corpus_questions
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +72,10 @@ class RaftConfig:
     p_missing: float = field(default=0.2, metadata={
         "help": "Share of questions shown without any passage that holds the answer; their target is the "
                 "\"I don't know\" answer."})
+    p_foreign: float = field(default=0.2, metadata={
+        "help": "Questions about documents you did not give (the shipped sample corpora's tune-half questions), as "
+                "a share of your questions, shown with what the retriever returns for them; their target is the "
+                "\"I don't know\" answer."})
     val_fraction: float = field(default=0.1, metadata={"help": "Share of documents (or of the text) whose questions are validation rows."})
     split: Literal["auto", "document", "position"] = field(default="auto", metadata={
         "help": "As embeddings.prepare: val by document (2+ documents) or by the last part of the text."})
@@ -91,6 +101,8 @@ class RaftConfig:
             raise ValueError("give the documents (DOCS): the passages are retrieved from them")
         if not 0 <= self.p_missing < 1:
             raise ValueError(f"--p-missing ({self.p_missing}) must be in [0, 1)")
+        if not 0 <= self.p_foreign <= 1:
+            raise ValueError(f"--p-foreign ({self.p_foreign}) must be in [0, 1]")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"--val-fraction ({self.val_fraction}) must be in (0, 1)")
         if self.questions < 0 or (self.questions == 0 and self.qa_file is None):
@@ -121,6 +133,19 @@ def target_unit(passages: list[Any], evidence: str) -> tuple[int, str] | None:
             if len(text.split()) >= 3 and (holds(evidence, text) or holds(text, evidence)):
                 if best is None or len(text) > len(best[1]):
                     best = (n, text)
+    return best
+
+
+def answering_unit(passages: list[Any], evidence: str, answer: str | None) -> tuple[int, str] | None:
+    """(passage number, unit text) of the longest unit shown that holds the answer (when known) or every figure
+    of the evidence sentence (when it has one): the same fact in other words, e.g. a highlights line."""
+    figures = {n for n in NUMBER.findall(evidence) if not YEAR.fullmatch(n)}
+    best = None
+    for n, doc in enumerate(passages, 1):
+        for _, _, text in doc.metadata.get("units") or [(0, 0, doc.page_content)]:
+            found = answer_matches(text, answer) if answer else bool(figures) and figures <= set(NUMBER.findall(text))
+            if found and (best is None or len(text) > len(best[1])):
+                best = (n, text)
     return best
 
 
@@ -185,17 +210,33 @@ class Builder:
         else:
             docs = place_gold(docs, gold, self.cfg.k, rng)
         shown = self.passages(question, docs)
-        unit = None if missing else target_unit(shown, evidence)
-        if not missing and unit is None:
-            # the context cut kept other sentences of the answering chunk: neither a quote nor a fair "I don't
-            # know" (25% of the first grounded set was this; trained as "I don't know" it taught declining)
-            return None, "evidence_cut"
+        if missing:
+            unit = None
+            if answering_unit(shown, evidence, answer):  # another report's sentence gives the same figure
+                return None, "missing_answered"
+        else:
+            unit = target_unit(shown, evidence) or answering_unit(shown, evidence, answer)
+            if unit is None:
+                # the context cut kept other sentences of the answering chunk: neither a quote nor a fair "I don't
+                # know" (25% of the first grounded set was this; trained as "I don't know" it taught declining)
+                return None, "evidence_cut"
         kind = "missing" if missing else "answer"
         messages = prompt_messages(self.tokenizer, shown, question)
         row = {"messages": [*messages, {"role": "assistant", "content": answer_text(unit)}],
                "split": split, "kind": kind, "evidence": evidence, "source": gold.metadata.get("source"),
                "retrieved": retrieved}  # False: the answering chunk was put in among what retrieval found
         return row, kind
+
+
+    def foreign_example(self, question: str, answer: str, split: str) -> tuple[dict | None, str]:
+        """A question about another company's documents with the passages retrieved for it: "I don't know",
+        unless a shown passage holds its answer after all (then skipped)."""
+        shown = self.passages(question, self.answerer.retriever.invoke(question))
+        if any(answer_matches(d.page_content, answer) for d in shown):
+            return None, "foreign_answered"
+        row = {"messages": [*prompt_messages(self.tokenizer, shown, question), {"role": "assistant", "content": NO_ANSWER}],
+               "split": split, "kind": "foreign", "evidence": None, "source": None, "retrieved": False}
+        return row, "foreign"
 
 
 def generated_questions(cfg: RaftConfig) -> tuple[list[tuple[str, str, str]], dict]:
@@ -239,6 +280,21 @@ def qa_questions(cfg: RaftConfig) -> tuple[list[tuple[str, str | None, str, str]
     return items, bad
 
 
+def covers(doc: Path, corpus: str) -> bool:
+    """`doc` (a file or folder of DOCS) is, holds or lies inside one of the shipped corpus's files."""
+    doc = doc.resolve()
+    return any(doc == p or p in doc.parents or doc in p.parents for p in (f.resolve() for f in corpus_files(corpus)))
+
+
+def foreign_questions(cfg: RaftConfig, n: int) -> list[tuple[str, str, str]]:
+    """(question, answer, split): n tune-half questions of the shipped corpora that no DOCS entry covers (their
+    held-out halves, which the benchmarks ask, are never used), drawn with the seed."""
+    pool = [(item["question"], item["answer"]) for corpus in CORPORA if not any(covers(d, corpus) for d in cfg.docs)
+            for item in corpus_questions(corpus, "tune")]
+    picked = stable_rng(cfg.seed, "raft-foreign").sample(pool, min(n, len(pool)))
+    return [(q, a, "val" if stable_rng(cfg.seed, "raft-qa", q).random() < cfg.val_fraction else "train") for q, a in picked]
+
+
 def main(cfg: RaftConfig) -> dict:
     from tqdm.auto import tqdm
 
@@ -259,9 +315,13 @@ def main(cfg: RaftConfig) -> dict:
         stats["generated_questions"] = len(generated)
     if not items:
         raise TuneragError("no questions: the documents gave none (too short?) and no --qa-file rows were usable")
-    rows, counts = [], {"answer": 0, "missing": 0, "evidence_cut": 0, "answer_not_found": 0, "evidence_not_indexed": 0}
-    for question, evidence, answer, split in tqdm(items, desc="retrieving passages", unit="question"):
-        row, what = builder.example(question, evidence, answer, split)
+    foreign = foreign_questions(cfg, round(cfg.p_foreign * len(items)))
+    stats["foreign_questions"] = len(foreign)
+    rows, counts = [], {"answer": 0, "missing": 0, "foreign": 0, "evidence_cut": 0, "answer_not_found": 0,
+                        "evidence_not_indexed": 0, "missing_answered": 0, "foreign_answered": 0}
+    jobs = [(builder.example, item) for item in items] + [(builder.foreign_example, item) for item in foreign]
+    for build, item in tqdm(jobs, desc="retrieving passages", unit="question"):
+        row, what = build(*item)
         counts[what] += 1
         if row is not None:
             rows.append(row)
@@ -273,11 +333,13 @@ def main(cfg: RaftConfig) -> dict:
         raise TuneragError(f"cannot write --out {str(cfg.out)!r}: {e.strerror or e}") from None
     stats.update(rows=len(rows), train=sum(r["split"] == "train" for r in rows),
                  val=sum(r["split"] == "val" for r in rows), kinds=counts, seconds=round(time.perf_counter() - started, 1))
-    logger.info("wrote %s: %d rows (%d train, %d val): %d answer the question, %d without the answering passage (target "
-                "\"I don't know\"); skipped %d questions whose sentence the context cut, %d Q/A rows whose answer no "
-                "passage holds and %d questions whose sentence is in no indexed chunk (%.1f s)", cfg.out, len(rows),
-                stats["train"], stats["val"], counts["answer"], counts["missing"], counts["evidence_cut"],
-                counts["answer_not_found"], counts["evidence_not_indexed"], stats["seconds"])
+    logger.info("wrote %s: %d rows (%d train, %d val): %d answer the question, %d without the answering passage and %d "
+                "about other documents (target \"I don't know\"); skipped %d questions whose sentence the context cut, "
+                "%d Q/A rows whose answer no passage holds, %d questions whose sentence is in no indexed chunk, %d "
+                "whose other passages still answer them and %d foreign questions a passage answers (%.1f s)", cfg.out,
+                len(rows), stats["train"], stats["val"], counts["answer"], counts["missing"], counts["foreign"],
+                counts["evidence_cut"], counts["answer_not_found"], counts["evidence_not_indexed"],
+                counts["missing_answered"], counts["foreign_answered"], stats["seconds"])
     return stats
 
 

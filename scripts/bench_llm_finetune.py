@@ -52,6 +52,13 @@ class BenchConfig:
     raft_questions: list[int] = field(default_factory=lambda: [100, 300], metadata={
         "help": "--answers: generated questions per corpus, in --corpus order."})
     p_missing: float = field(default=0.2, metadata={"help": "--answers: rag.raft --p-missing."})
+    p_foreign: float = field(default=0.2, metadata={
+        "help": "--answers: rag.raft --p-foreign (tune-half questions of the other corpora; the held-out ones asked "
+                "as foreign questions are never trained on)."})
+    raft_context_tokens: int | None = field(default=None, metadata={
+        "help": "--answers: rag.raft --context-tokens, the passages' budget in the training prompts (default: rag.cli's)."})
+    eval_context_tokens: list[int] | None = field(default=None, metadata={
+        "help": "--answers: rag.cli --context-tokens of the answers, repeat to compare budgets (default: rag.cli's)."})
     data_weight: list[float] = field(default_factory=lambda: [4.0, 1.0], metadata={
         "help": "--answers: shares of grounded data and of the shipped instructions."})
     lr: float | None = field(default=None, metadata={"help": "--answers: learning rate (default: the preset's)."})
@@ -181,6 +188,7 @@ TRAIN_OVERRIDES = ("lr", "lora_alpha", "lora_targets", "gradient_checkpointing")
 def grounded(cfg: BenchConfig) -> dict:
     """The --answers benchmark (see the module docstring)."""
     from llm_finetune.config import MergeConfig, TrainConfig
+    from rag.config import rag_default
     from rag.evaluate import RagEvalConfig
     from rag.raft import RaftConfig
     from tunerag.samples import SAMPLE_INSTRUCTIONS, corpus_files, corpus_questions
@@ -198,7 +206,8 @@ def grounded(cfg: BenchConfig) -> dict:
                 qa_file.write_text(json.dumps(corpus_questions(corpus, "tune")))
             raft_stats[corpus] = in_fresh_process(phase_raft, RaftConfig(
                 docs=corpus_files(corpus), out=workdir / f"raft_{corpus}.jsonl", questions=n, p_missing=cfg.p_missing,
-                qa_file=qa_file, persist_dir=workdir / "chroma", seed=cfg.seed))
+                p_foreign=cfg.p_foreign, qa_file=qa_file, persist_dir=workdir / "chroma", seed=cfg.seed,
+                **({"context_tokens": cfg.raft_context_tokens} if cfg.raft_context_tokens else {})))
         grounded_rows.write_text("".join((workdir / f"raft_{c}.jsonl").read_text() for c in cfg.corpus))
     overrides = {"max_steps": cfg.max_steps} if cfg.max_steps else {}
     train_cfg = TrainConfig(preset=cfg.preset, out=str(workdir / "run"), seed=cfg.seed,
@@ -219,11 +228,13 @@ def grounded(cfg: BenchConfig) -> dict:
         sets = {"heldout": spread(heldout, cfg.eval_questions)}
         if other != corpus and cfg.foreign_questions:
             sets["foreign"] = spread(corpus_questions(other, "heldout"), cfg.foreign_questions)
-        eval_cfg = RagEvalConfig(file=corpus_files(corpus), gen_questions=10_000, max_new_tokens=48, seed=0)
-        for name, items in sets.items():
-            for label, spec in (("base", train_cfg.base_model), ("tuned", str(merged))):
-                results[f"{corpus}/{name}/{label}"] = in_fresh_process(phase_answers, eval_cfg, spec, items,
-                                                                       workdir / "chroma")
+        for tokens in cfg.eval_context_tokens or [rag_default("context_tokens")]:
+            eval_cfg = RagEvalConfig(file=corpus_files(corpus), gen_questions=10_000, max_new_tokens=48, seed=0,
+                                     context_tokens=tokens)
+            for name, items in sets.items():
+                for label, spec in (("base", train_cfg.base_model), ("tuned", str(merged))):
+                    results[f"{corpus}/{name}/{label}@{tokens}"] = in_fresh_process(phase_answers, eval_cfg, spec, items,
+                                                                                    workdir / "chroma")
     keys = ("answer_match", "evidence_match", "answered_when_in_passages", "declined_when_not_in_passages")
     table = {name: {k: r[k] for k in keys} | {"questions": r["questions"]} for name, r in results.items()}
     report = {"bench": "llm_finetune_answers", "config": asdict(cfg), "train_config": asdict(train_cfg),
@@ -231,10 +242,10 @@ def grounded(cfg: BenchConfig) -> dict:
                                                                         "perplexity_after", "train")},
               "results": table, "answers": {name: r["answers"] for name, r in results.items()},
               "seconds": round(time.perf_counter() - t0, 1)}
-    print(f"{'corpus/questions/model':<28} {'n':>4} {'answer':>7} {'evidence':>9} {'answered':>9} {'declined':>9}", file=sys.stderr)
+    print(f"{'corpus/questions/model@tokens':<32} {'n':>4} {'answer':>7} {'evidence':>9} {'answered':>9} {'declined':>9}", file=sys.stderr)
     for name, row in table.items():
         cells = [f"{row[k]:.3f}" if row[k] is not None else "-" for k in keys]
-        print(f"{name:<28} {row['questions']:>4} {cells[0]:>7} {cells[1]:>9} {cells[2]:>9} {cells[3]:>9}", file=sys.stderr)
+        print(f"{name:<32} {row['questions']:>4} {cells[0]:>7} {cells[1]:>9} {cells[2]:>9} {cells[3]:>9}", file=sys.stderr)
     print(json.dumps(report, default=str))
     return report
 

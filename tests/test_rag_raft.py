@@ -8,7 +8,7 @@ from langchain_core.documents import Document
 
 from llm_finetune.data import build_examples, mix_sources, split_rows
 from rag.chain import NO_ANSWER, is_no_answer
-from rag.raft import RaftConfig, holds, main, place_gold, target_unit
+from rag.raft import RaftConfig, answering_unit, covers, foreign_questions, holds, main, place_gold, target_unit
 
 
 def test_target_unit_is_the_longest_shown_piece_of_the_evidence():
@@ -20,6 +20,32 @@ def test_target_unit_is_the_longest_shown_piece_of_the_evidence():
     assert target_unit(shown, evidence) == (2, evidence)
     assert target_unit(shown[:1], evidence) is None
     assert holds("A  NET interest\nincome rose", "net interest income")
+
+
+def test_answering_unit_finds_the_same_fact_in_other_words():
+    evidence = "Net interest income rose 6% to $5.71 billion in 2025, the highest in our history."
+    highlights = "Highlights: net interest income $5.71 billion (+6%)."
+    shown = [Document(page_content="Fees fell in 2025."), Document(page_content=highlights)]
+    assert answering_unit(shown, evidence, None) == (2, highlights)  # every figure of the evidence (not the year)
+    assert answering_unit(shown[:1], evidence, None) is None  # the year alone is no figure
+    assert answering_unit(shown, "The bank grew in 2025.", None) is None  # an evidence without figures: unknown
+    assert answering_unit(shown, evidence, "$5.71 billion") == (2, highlights)  # a known answer decides
+    assert answering_unit(shown, evidence, "$9.99 billion") is None
+
+
+def test_foreign_questions_are_tune_halves_of_corpora_not_given():
+    from tunerag.samples import corpus_files, corpus_questions
+
+    assert covers(corpus_files("long")[0] / "meridian_rating_methodology.txt", "long")  # a file inside
+    assert covers(corpus_files("long")[0].parent, "long")  # a folder above
+    assert not covers(corpus_files("sample")[0], "long")
+    cfg = RaftConfig(docs=corpus_files("long"), seed=3)
+    picked = foreign_questions(cfg, 40)
+    asked = {q for q, _, _ in picked}
+    tune = {i["question"] for c in ("sample", "policy") for i in corpus_questions(c, "tune")}
+    assert len(picked) == 40 and asked <= tune  # never the held-out halves, never the given corpus
+    assert picked == foreign_questions(cfg, 40) and {s for _, _, s in picked} <= {"train", "val"}
+    assert len(foreign_questions(RaftConfig(docs=[corpus_files(c)[0] for c in ("sample", "long", "policy")]), 5)) == 0
 
 
 def test_place_gold_puts_the_answering_chunk_among_the_distractors():
@@ -64,6 +90,8 @@ def raft_run(tmp_path_factory, sample_doc):
 
 
 def test_rows_quote_a_shown_sentence_and_cite_its_passage(raft_run):
+    from tunerag.samples import corpus_questions
+
     cfg, stats = raft_run
     rows = [json.loads(line) for line in cfg.out.read_text().splitlines()]
     assert len(rows) == stats["rows"] > 0 and stats["kinds"]["answer"] > 0 and {"train", "val"} <= {r["split"] for r in rows}
@@ -78,6 +106,11 @@ def test_rows_quote_a_shown_sentence_and_cite_its_passage(raft_run):
             assert answer["content"] == NO_ANSWER
         if row["kind"] == "missing":
             assert not holds(user["content"], row["evidence"])
+            assert answering_unit([Document(page_content=user["content"])], row["evidence"], None) is None
+    foreign = [r for r in rows if r["kind"] == "foreign"]
+    assert len(foreign) == stats["kinds"]["foreign"] > 0  # --p-foreign 0.2 of 12 questions, about other corpora
+    other = {i["question"] for c in ("long", "policy") for i in corpus_questions(c, "tune")}
+    assert all(r["messages"][1]["content"].split("\n", 1)[0].removeprefix("Question: ") in other for r in foreign)
 
 
 def test_rows_are_the_prompt_rag_cli_sends(raft_run):
