@@ -164,6 +164,7 @@ class Answerer:
                 bm25 = open_bm25(store._collection, local / name if cfg.chroma_url else local / "bm25" / name,
                                  changed=changed)
         self.embeddings = embeddings
+        self.bm25 = bm25
         self.retriever = make_retriever(store, bm25, cfg.k, sorted({d.metadata["source"] for d in docs}),
                                         mode=cfg.retriever, bm25_weight=cfg.bm25_weight, year_weight=cfg.year_weight,
                                         abbreviations=cfg.abbreviations)
@@ -245,6 +246,9 @@ class Answerer:
         """Answer `question` into `out`; `history` is the conversation so far as (question, answer) pairs."""
         if not question.strip():
             raise TuneragError("the question is empty; ask something about the document")
+        unknown = self.unknown_names(question)
+        if unknown:
+            return self.decline(question, unknown, out, on_token, history)
         marks = ask(self.chain, question.strip(), out, on_token, self.stop, history)
         if self.cfg.retrieve_only:
             out["result"] = None
@@ -257,6 +261,26 @@ class Answerer:
         unit = unit or support(out["result"], out["query"], docs, self.embeddings.embed_documents)
         out["evidence"] = evidence_record(unit, docs)
         out["citations"] = citations(out["result"], len(docs), out["evidence"])
+        return marks
+
+
+    def unknown_names(self, question: str) -> list[str]:
+        """--unknown-names decline: the names of `question` that no indexed chunk has (Bm25Index.unknown_names)."""
+        if self.cfg.unknown_names != "decline" or self.cfg.retrieve_only or self.bm25 is None:
+            return []
+        return self.bm25.unknown_names(question, set(self.retriever.sources))
+
+    def decline(self, question: str, names: list[str], out: dict, on_token, history) -> dict:
+        """The answer to a question about names the documents never mention, without the LLM; the passages
+        the retriever finds are still shown."""
+        t0 = time.perf_counter()
+        docs = self.retriever.invoke(retrieval_query(question.strip(), list(history)))
+        marks = {"retrieve": time.perf_counter() - t0}
+        result = f"I don't know: the documents never mention {' or '.join(dict.fromkeys(names))}."
+        out.update(query=question.strip(), source_documents=docs, result=result, evidence=None, citations=[])
+        if on_token:
+            on_token(result)
+        marks["first_token"] = time.perf_counter() - t0
         return marks
 
 

@@ -43,6 +43,10 @@ class RagConfig:
     abbreviations: bool = field(default=True, metadata={
         "help": "Search for an abbreviation in the question with its long form too (ROA: return on assets), from the "
                 "documents' own definitions and a list of common finance ones (rag.abbreviations)."})
+    unknown_names: Literal["decline", "answer"] = field(default="decline", metadata={
+        "help": "decline: a question that names someone or something no indexed document mentions (a capitalised "
+                "word other than the first, e.g. 'Halvorsen') is answered \"I don't know: the documents never "
+                "mention Halvorsen.\" at once, without the LLM (hybrid and bm25 retrievers); answer: ask anyway."})
     context: Literal["sentences", "chunks"] = field(default="sentences", metadata={
         "help": "sentences: the LLM reads only the retrieved chunks' sentences that best match the question, up to "
                 "--context-tokens (best for small LLMs); chunks: the whole chunks."})

@@ -38,6 +38,7 @@ class RagEvalConfig:
     year_weight: float = field(default=rag_default("year_weight"), metadata={"help": "As rag.cli --year-weight."})
     dtype: str = field(default="auto", metadata={"help": "As rag.cli --dtype."})
     abbreviations: bool = field(default=rag_default("abbreviations"), metadata={"help": "As rag.cli --abbreviations."})
+    unknown_names: str = field(default=rag_default("unknown_names"), metadata={"help": "As rag.cli --unknown-names."})
     context: str = field(default=rag_default("context"), metadata={"help": "As rag.cli --context."})
     context_tokens: int = field(default=rag_default("context_tokens"), metadata={"help": "As rag.cli --context-tokens."})
     answer: str = field(default="llm", metadata={"help": "As rag.cli --answer."})
@@ -49,7 +50,7 @@ class RagEvalConfig:
                     "retriever": self.retriever, "bm25_weight": self.bm25_weight,
                     "year_weight": self.year_weight, "context": self.context,
                     "context_tokens": self.context_tokens, "answer": self.answer, "dtype": self.dtype,
-                    "abbreviations": self.abbreviations}
+                    "abbreviations": self.abbreviations, "unknown_names": self.unknown_names}
         return RagConfig(**(settings | overrides))
 
 

@@ -41,6 +41,9 @@ BM25_FORMAT = 2  # 2: the documents' abbreviations are stored with the index
 ROWS_PER_HIT = 10  # sentence rows fetched per chunk wanted: a chunk's sentences often rank together
 YEAR = re.compile(r"(?<!\d)(?:19|20)\d\d(?!\d)")  # a year on its own, not inside a longer number
 TITLE_YEAR = re.compile(r"(?<!\d)(?:19|20)\d\d")  # a file named for its date, "aapl-20240928", names 2024
+# A name: capitalised words ("Halvorsen Ridge", "Basel") other than a sentence's first; all-capital
+# abbreviations (CET1, EPS) are not names here, rag.abbreviations spells them out instead.
+NAME = re.compile(r"(?<![.?!:]\s)(?<![.?!:])(?<!^)\b[A-Z][a-z]+(?:[ -][A-Z][a-z]+)*\b")
 
 
 def import_bm25s():
@@ -130,24 +133,37 @@ class Bm25Index:
         vocab = getattr(self.model, "vocab_dict", None) or {}  # an empty index has none
         return bool(tokens) and all(t in vocab for t in tokens)
 
+    def unknown_names(self, question: str, allowed_sources: set[str] | None = None) -> list[str]:
+        """The names in `question` (NAME) with a word that no chunk of `allowed_sources` has: "What was
+        Halvorsen Ridge's CET1 ratio?" asked of another bank's report gives ["Halvorsen Ridge"]."""
+        vocab = getattr(self.model, "vocab_dict", None) or {}
+        return [name for name in NAME.findall(question)
+                if any(t not in vocab or not self.rows_with([t], 1, allowed_sources)[0]
+                       for t in bm25_tokens([name], self.stem)[0])]
+
+    def rows_with(self, tokens: list[str], k: int, allowed_sources: set[str] | None) -> tuple[list[int], list[float]]:
+        """(row numbers, BM25 scores) of the best `k` rows of `allowed_sources` with any of `tokens` (all in the vocabulary)."""
+        import numpy as np
+
+        mask = None
+        if allowed_sources is not None:
+            mask = np.fromiter((s in allowed_sources for s in self.sources), dtype=np.float32, count=len(self.sources))
+        rows, scores = self.model.retrieve([tokens], k=min(k, len(self.ids)), show_progress=False, weight_mask=mask,
+                                           n_threads=1)
+        kept = [(int(r), float(sc)) for r, sc in zip(rows[0], scores[0]) if sc > 0]
+        return [r for r, _ in kept], [sc for _, sc in kept]
+
     def search(self, query: str, k: int, allowed_sources: set[str] | None = None) -> list[tuple[str, float]]:
         """(chunk id, BM25 score of its best sentence) of the best `k` chunks with any query term, from
         `allowed_sources` only."""
-        import numpy as np
-
         vocab = self.model.vocab_dict
         tokens = [t for t in bm25_tokens([query], self.stem)[0] if t in vocab]
         if not tokens or not self.ids:
             return []  # no lexical overlap at all: the dense side still answers
-        mask = None
-        if allowed_sources is not None:
-            mask = np.fromiter((s in allowed_sources for s in self.sources), dtype=np.float32, count=len(self.sources))
-        rows, scores = self.model.retrieve([tokens], k=min(k * ROWS_PER_HIT, len(self.ids)), show_progress=False,
-                                           weight_mask=mask, n_threads=1)
         best: dict[str, float] = {}
-        for r, s in zip(rows[0], scores[0]):
-            if s > 0 and self.ids[r] not in best:
-                best[self.ids[r]] = float(s)
+        for r, s in zip(*self.rows_with(tokens, k * ROWS_PER_HIT, allowed_sources)):
+            if self.ids[r] not in best:
+                best[self.ids[r]] = s
         return list(best.items())[:k]
 
 

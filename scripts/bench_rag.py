@@ -55,6 +55,7 @@ class BenchRagConfig:
     bm25_weight: float = field(default=rag_default("bm25_weight"), metadata={"help": "As rag.cli --bm25-weight."})
     year_weight: float = field(default=rag_default("year_weight"), metadata={"help": "As rag.cli --year-weight."})
     abbreviations: bool = field(default=rag_default("abbreviations"), metadata={"help": "As rag.cli --abbreviations."})
+    unknown_names: str = field(default=rag_default("unknown_names"), metadata={"help": "As rag.cli --unknown-names."})
     context_tokens: int = field(default=rag_default("context_tokens"), metadata={"help": "As rag.cli --context-tokens."})
     max_new_tokens: int = field(default=48, metadata={"help": "Longest answer; the expected answers are short figures."})
     gen_questions: int = field(default=0, metadata={"help": "Answer only the first N questions per corpus (0: all)."})
@@ -107,7 +108,7 @@ def main(cfg: BenchRagConfig) -> dict:
                              max_new_tokens=cfg.max_new_tokens, gen_questions=cfg.gen_questions or len(items),
                              bm25_weight=cfg.bm25_weight, year_weight=cfg.year_weight,
                              context_tokens=cfg.context_tokens, seed=cfg.seed,
-                             abbreviations=cfg.abbreviations)
+                             abbreviations=cfg.abbreviations, unknown_names=cfg.unknown_names)
         retrieval, generation = [], []
         with tempfile.TemporaryDirectory(prefix="bench_rag-") as tmp:
             store = Path(tmp) / "db"  # fresh, so the first row measures the index build

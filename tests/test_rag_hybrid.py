@@ -195,6 +195,29 @@ def test_extractive_answer_from_the_command_line(tmp_path, sample_doc):
     assert "Loading" not in run.stderr and "Building index" not in run.stderr
 
 
+def test_a_question_naming_what_no_document_mentions_is_declined_without_the_llm(tmp_path, sample_doc):
+    """--unknown-names decline (the default): a name no indexed chunk has gets "I don't know" at once; the
+    report's own names, sentence-initial words and abbreviations are no names; `answer` asks anyway."""
+    from rag.chain import is_no_answer
+    from rag.cli import Answerer
+    from rag.config import RagConfig
+
+    cfg = RagConfig(file=[sample_doc], persist_dir=tmp_path / "db", answer="extractive")
+    answerer = Answerer(cfg, 0.0)
+    tokens, out = [], {}
+    answerer.ask("What was Halvorsen Ridge's CET1 ratio at the end of 2025?", out, on_token=tokens.append)
+    assert out["result"] == "I don't know: the documents never mention Halvorsen Ridge." == "".join(tokens)
+    assert is_no_answer(out["result"]) and out["evidence"] is None and out["citations"] == [] and out["source_documents"]
+    assert answerer.unknown_names("What CET1 ratio did Northwind Harbor report at the end of 2025? And ROTCE?") == []
+    assert answerer.unknown_names("Halvorsen diluted EPS?") == []  # a question's first word is not taken for a name
+    assert answerer.unknown_names("Is the CET1 ratio above the Basel minimum? Kestrel asks.") == ["Basel"]
+    answer_anyway = Answerer(RagConfig(file=[sample_doc], persist_dir=tmp_path / "db", answer="extractive",
+                                       unknown_names="answer"), 0.0)
+    out = {}
+    answer_anyway.ask("What was Halvorsen Ridge's CET1 ratio at the end of 2025?", out)
+    assert "11.4%" in out["result"] and out["evidence"]
+
+
 @pytest.mark.slow
 def test_sigkill_during_indexing_is_repaired_by_the_next_run(tmp_path):
     """A real SIGKILL while chunks are being added; the next run adds exactly the missing ones."""
