@@ -39,25 +39,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         "logging_steps": 10,
     },
 }
-# SmolLM2-135M, sized for a 2-core CPU: 40 steps of 8 examples of up to 512 tokens (a grounded
-# rag.raft example is ~315 tokens; 256 dropped them). Measured: 25-35 s a step on grounded + instruction
-# mixes with the machine partly busy, so ~20 minutes; the shipped instructions alone are shorter. By
-# itself it trains on the shipped 578 finance instructions; `--data grounded.jsonl --data ...` (or the
-# pipeline's --llm-data) gives it the grounded data of your documents mixed with them. SmolLM2 is a Llama, so the same
-# attention projections are the LoRA targets. A small validation split: on the CPU, evaluation of the
-# 4-bit model costs about as much per example as training.
+# SmolLM2-135M, sized for a 2-core CPU: 60 steps of 8 examples of up to 512 tokens, LoRA (alpha 32) on every
+# linear layer (attention and MLP) plus the head, no gradient checkpointing (a 135M model's activations fit).
+# The grounded fine-tune's recipe, chosen with scripts/bench_llm_finetune.py --answers (README): 60 steps
+# took 16 min on grounded + instruction mixes (~16 s a step, prompts of ~200 tokens). By itself it trains on
+# the shipped 578 finance instructions; `--data grounded.jsonl --data ...` (or the pipeline's --llm-data)
+# gives it the grounded data of your documents mixed with them. SmolLM2 is a Llama: q/k/v/o and
+# gate/up/down are its projections. A small validation split: on the CPU, evaluation of the 4-bit model
+# costs about as much per example as training.
 PRESETS["smollm2-cpu"] = {
     **PRESETS["mistral-7b"],
     "base_model": SMOLLM2,
     "data": str(SAMPLE_INSTRUCTIONS),
     "val_size": 24.0,
     "max_length": 512,
-    "max_steps": 40,
+    "max_steps": 60,
     # one micro-batch of 8 per step: bitsandbytes de-quantizes every 4-bit weight once per forward
     # (three times with gradient checkpointing), so bigger micro-batches amortize it on the CPU
     "batch_size": 8,
     "grad_accum": 1,
-    "lr": 2e-4,
+    "lr": 3e-4,
+    "lora_alpha": 32,
+    "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gradient_checkpointing": False,
     "eval_steps": 20,
     "save_steps": 20,
     "logging_steps": 2,

@@ -48,11 +48,12 @@ class BenchConfig:
     workdir: str | None = field(default=None, metadata={"help": "Where runs go (default: a temporary folder)."})
     seed: int = field(default=42, metadata={"help": "Seed."})
     answers: bool = field(default=False, metadata={"help": "Benchmark the grounded fine-tune's answers instead (see above)."})
-    corpus: list[str] = field(default_factory=lambda: ["sample", "long"], metadata={"help": "--answers: corpora (repeat)."})
-    raft_questions: list[int] = field(default_factory=lambda: [100, 300], metadata={
+    corpus: list[str] = field(default_factory=lambda: ["sample", "long", "policy"], metadata={
+        "help": "--answers: corpora (repeat)."})
+    raft_questions: list[int] = field(default_factory=lambda: [100, 200, 100], metadata={
         "help": "--answers: generated questions per corpus, in --corpus order."})
-    p_missing: float = field(default=0.2, metadata={"help": "--answers: rag.raft --p-missing."})
-    p_foreign: float = field(default=0.2, metadata={
+    p_missing: float = field(default=0.0, metadata={"help": "--answers: rag.raft --p-missing."})
+    p_foreign: float = field(default=0.0, metadata={
         "help": "--answers: rag.raft --p-foreign (tune-half questions of the other corpora; the held-out ones asked "
                 "as foreign questions are never trained on)."})
     raft_context_tokens: int | None = field(default=None, metadata={

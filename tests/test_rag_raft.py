@@ -85,7 +85,8 @@ def test_no_answer_wordings():
 @pytest.fixture(scope="module")
 def raft_run(tmp_path_factory, sample_doc):
     out = tmp_path_factory.mktemp("raft") / "rag_sft.jsonl"
-    cfg = RaftConfig(docs=[sample_doc], out=out, questions=12, p_missing=0.25, persist_dir=out.parent / "chroma")
+    cfg = RaftConfig(docs=[sample_doc], out=out, questions=12, p_missing=0.25, p_foreign=0.2,
+                     persist_dir=out.parent / "chroma")
     return cfg, main(cfg)
 
 
