@@ -80,7 +80,8 @@ class TrainConfig:
 
     preset: Literal["mistral-7b", "smollm2-cpu"] | None = field(
         default=None, metadata=_h("A whole setting: mistral-7b (the reference recipe, the default) or smollm2-cpu "
-                                  "(the embedded SmolLM2-135M on the shipped finance_alpaca.json, ~16 min on 2 CPU cores)."))
+                                  "(the embedded SmolLM2-135M on the shipped finance_alpaca.json, ~16 min on 2 CPU "
+                                  "cores)."))
     config: str | None = field(default=None, metadata=_h("A YAML or JSON file of options (keys are flag names); "
                                                          "flags override it, it overrides the preset."))
     base_model: str | None = field(default=None, metadata=_h(

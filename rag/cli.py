@@ -263,7 +263,6 @@ class Answerer:
         out["citations"] = citations(out["result"], len(docs), out["evidence"])
         return marks
 
-
     def unknown_names(self, question: str) -> list[str]:
         """--unknown-names decline: the names of `question` that no indexed chunk has (Bm25Index.unknown_names)."""
         if self.cfg.unknown_names != "decline" or self.cfg.retrieve_only or self.bm25 is None:

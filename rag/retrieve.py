@@ -142,7 +142,8 @@ class Bm25Index:
                        for t in bm25_tokens([name], self.stem)[0])]
 
     def rows_with(self, tokens: list[str], k: int, allowed_sources: set[str] | None) -> tuple[list[int], list[float]]:
-        """(row numbers, BM25 scores) of the best `k` rows of `allowed_sources` with any of `tokens` (all in the vocabulary)."""
+        """(row numbers, BM25 scores) of the best `k` rows of `allowed_sources` with any of `tokens` (each one
+        in the vocabulary)."""
         import numpy as np
 
         mask = None

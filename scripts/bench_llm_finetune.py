@@ -57,7 +57,8 @@ class BenchConfig:
         "help": "--answers: rag.raft --p-foreign (tune-half questions of the other corpora; the held-out ones asked "
                 "as foreign questions are never trained on)."})
     raft_context_tokens: int | None = field(default=None, metadata={
-        "help": "--answers: rag.raft --context-tokens, the passages' budget in the training prompts (default: rag.cli's)."})
+        "help": "--answers: rag.raft --context-tokens, the passages' budget in the training prompts "
+                "(default: rag.cli's)."})
     eval_context_tokens: list[int] | None = field(default=None, metadata={
         "help": "--answers: rag.cli --context-tokens of the answers, repeat to compare budgets (default: rag.cli's)."})
     data_weight: list[float] = field(default_factory=lambda: [4.0, 1.0], metadata={
@@ -234,8 +235,8 @@ def grounded(cfg: BenchConfig) -> dict:
                                      context_tokens=tokens)
             for name, items in sets.items():
                 for label, spec in (("base", train_cfg.base_model), ("tuned", str(merged))):
-                    results[f"{corpus}/{name}/{label}@{tokens}"] = in_fresh_process(phase_answers, eval_cfg, spec, items,
-                                                                                    workdir / "chroma")
+                    results[f"{corpus}/{name}/{label}@{tokens}"] = in_fresh_process(
+                        phase_answers, eval_cfg, spec, items, workdir / "chroma")
     keys = ("answer_match", "evidence_match", "answered_when_in_passages", "declined_when_not_in_passages")
     table = {name: {k: r[k] for k in keys} | {"questions": r["questions"]} for name, r in results.items()}
     report = {"bench": "llm_finetune_answers", "config": asdict(cfg), "train_config": asdict(train_cfg),
@@ -243,10 +244,12 @@ def grounded(cfg: BenchConfig) -> dict:
                                                                         "perplexity_after", "train")},
               "results": table, "answers": {name: r["answers"] for name, r in results.items()},
               "seconds": round(time.perf_counter() - t0, 1)}
-    print(f"{'corpus/questions/model@tokens':<32} {'n':>4} {'answer':>7} {'evidence':>9} {'answered':>9} {'declined':>9}", file=sys.stderr)
+    print(f"{'corpus/questions/model@tokens':<32} {'n':>4} {'answer':>7} {'evidence':>9} {'answered':>9} "
+          f"{'declined':>9}", file=sys.stderr)
     for name, row in table.items():
         cells = [f"{row[k]:.3f}" if row[k] is not None else "-" for k in keys]
-        print(f"{name:<32} {row['questions']:>4} {cells[0]:>7} {cells[1]:>9} {cells[2]:>9} {cells[3]:>9}", file=sys.stderr)
+        print(f"{name:<32} {row['questions']:>4} {cells[0]:>7} {cells[1]:>9} {cells[2]:>9} {cells[3]:>9}",
+              file=sys.stderr)
     print(json.dumps(report, default=str))
     return report
 
