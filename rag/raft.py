@@ -31,7 +31,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from embeddings.prepare import document_chunks, sentence_questions
 from llm_finetune.data import load_rows
@@ -126,29 +126,30 @@ def holds(text: str, sentence: str) -> bool:
     return words(sentence) in words(text)
 
 
-def target_unit(passages: list[Any], evidence: str) -> tuple[int, str] | None:
-    """(passage number, unit text) of the longest unit shown that is part of the evidence sentence or
-    holds it: the splitters of embeddings.prepare and rag.context cut sentences a little differently."""
+def longest_unit(passages: list[Any], keep: Callable[[str], bool]) -> tuple[int, str] | None:
+    """(passage number, unit text) of the longest unit shown (a passage without units is one) that `keep` accepts."""
     best = None
     for n, doc in enumerate(passages, 1):
         for _, _, text in doc.metadata.get("units") or [(0, 0, doc.page_content)]:
-            if len(text.split()) >= 3 and (holds(evidence, text) or holds(text, evidence)):
-                if best is None or len(text) > len(best[1]):
-                    best = (n, text)
+            if keep(text) and (best is None or len(text) > len(best[1])):
+                best = (n, text)
     return best
+
+
+def target_unit(passages: list[Any], evidence: str) -> tuple[int, str] | None:
+    """The longest unit shown that is part of the evidence sentence or holds it: the splitters of
+    embeddings.prepare and rag.context cut sentences a little differently."""
+    return longest_unit(passages, lambda text: len(text.split()) >= 3
+                        and (holds(evidence, text) or holds(text, evidence)))
 
 
 def answering_unit(passages: list[Any], evidence: str, answer: str | None) -> tuple[int, str] | None:
-    """(passage number, unit text) of the longest unit shown that holds the answer (when known) or every figure
-    of the evidence sentence (when it has one): the same fact in other words, e.g. a highlights line."""
+    """The longest unit shown that holds the answer (when known) or every figure of the evidence sentence (when
+    it has one): the same fact in other words, e.g. a highlights line."""
+    if answer:
+        return longest_unit(passages, lambda text: answer_matches(text, answer))
     figures = {n for n in NUMBER.findall(evidence) if not YEAR.fullmatch(n)}
-    best = None
-    for n, doc in enumerate(passages, 1):
-        for _, _, text in doc.metadata.get("units") or [(0, 0, doc.page_content)]:
-            found = answer_matches(text, answer) if answer else bool(figures) and figures <= set(NUMBER.findall(text))
-            if found and (best is None or len(text) > len(best[1])):
-                best = (n, text)
-    return best
+    return longest_unit(passages, lambda text: bool(figures) and figures <= set(NUMBER.findall(text)))
 
 
 def answer_text(unit: tuple[int, str] | None) -> str:
@@ -264,6 +265,11 @@ def generated_questions(cfg: RaftConfig) -> tuple[list[tuple[str, str, str]], di
     return triples, stats
 
 
+def qa_split(cfg: RaftConfig, question: str) -> str:
+    """"val" for a seeded draw of --val-fraction of the questions, else "train"."""
+    return "val" if stable_rng(cfg.seed, "raft-qa", question).random() < cfg.val_fraction else "train"
+
+
 def qa_questions(cfg: RaftConfig) -> tuple[list[tuple[str, str | None, str, str]], int]:
     """(question, passage or None, answer, split) from --qa-file; rows without a question or answer are
     counted. Val by a seeded draw of --val-fraction of the rows."""
@@ -277,8 +283,7 @@ def qa_questions(cfg: RaftConfig) -> tuple[list[tuple[str, str | None, str, str]
             bad += 1
             continue
         passage = str(row.get("passage") or "").strip() or None
-        split = "val" if stable_rng(cfg.seed, "raft-qa", question).random() < cfg.val_fraction else "train"
-        items.append((question, passage, answer, split))
+        items.append((question, passage, answer, qa_split(cfg, question)))
     return items, bad
 
 
@@ -294,8 +299,7 @@ def foreign_questions(cfg: RaftConfig, n: int) -> list[tuple[str, str, str]]:
     pool = [(item["question"], item["answer"]) for corpus in CORPORA if not any(covers(d, corpus) for d in cfg.docs)
             for item in corpus_questions(corpus, "tune")]
     picked = stable_rng(cfg.seed, "raft-foreign").sample(pool, min(n, len(pool)))
-    return [(q, a, "val" if stable_rng(cfg.seed, "raft-qa", q).random() < cfg.val_fraction else "train")
-            for q, a in picked]
+    return [(q, a, qa_split(cfg, q)) for q, a in picked]
 
 
 def main(cfg: RaftConfig) -> dict:
