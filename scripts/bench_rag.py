@@ -64,6 +64,9 @@ class BenchRagConfig:
         "help": "Only measure follow-up questions (tunerag/data/finance_followups.json, --split half): answer-in-top-4 "
                 "of the follow-up searched alone, with the conversation (rag.chain.retrieval_query), and as the "
                 "written-out standalone question."})
+    names: bool = field(default=False, metadata={
+        "help": "Only measure --unknown-names decline (no LLM): per --corpus, the share of its own questions (--split "
+                "half) and of the other corpora's that it declines."})
 
 
 def bench_followups(cfg: BenchRagConfig) -> dict:
@@ -87,6 +90,28 @@ def bench_followups(cfg: BenchRagConfig) -> dict:
     return {"questions": len(items), f"recall@{cfg.k}": scores}
 
 
+def bench_names(cfg: BenchRagConfig) -> dict:
+    """Per corpus: the questions `--unknown-names decline` answers "I don't know" without the LLM, of its own
+    and of the other corpora (whose answers are in none of its documents)."""
+    from rag.cli import Answerer
+
+    result = {}
+    with tempfile.TemporaryDirectory(prefix="bench_names-") as tmp:
+        for corpus in cfg.corpus:
+            run = RagEvalConfig(file=corpus_files(corpus), k=cfg.k, bm25_weight=cfg.bm25_weight)
+            # extractive: the check runs as for any answer, and no LLM loads
+            answerer = Answerer(run.rag_config(embeddings=cfg.embeddings, persist_dir=Path(tmp), answer="extractive"),
+                                0.0)
+            declined = lambda items: sum(bool(answerer.unknown_names(it["question"])) for it in items)  # noqa: E731
+            own = corpus_questions(corpus, cfg.split)
+            others = [it for other in cfg.corpus if other != corpus for it in corpus_questions(other, cfg.split)]
+            result[corpus] = {"own_questions": len(own), "own_declined": declined(own),
+                              "other_questions": len(others), "other_declined": declined(others)}
+            print(f"{corpus:<8} own declined {result[corpus]['own_declined']}/{len(own)}, other corpora's "
+                  f"{result[corpus]['other_declined']}/{len(others)}", file=sys.stderr)
+    return result
+
+
 def main(cfg: BenchRagConfig) -> dict:
     import torch
     from transformers import set_seed
@@ -97,6 +122,10 @@ def main(cfg: BenchRagConfig) -> dict:
     set_seed(cfg.seed)
     quiet_libraries()
     logger.info("config: %s", asdict(cfg))
+    if cfg.names:
+        result = {"bench": "rag_unknown_names", "config": asdict(cfg), "metrics": bench_names(cfg)}
+        print(json.dumps(result))
+        return result
     if cfg.followups:
         result = {"bench": "rag_followups", "config": asdict(cfg), "metrics": bench_followups(cfg)}
         print(json.dumps(result))
