@@ -177,9 +177,21 @@ MOMENTS = {
     "writing the new model": (in_temp(".merged.tmp-", "model.safetensors"), {"old"}),
     # written whole, being reloaded and verified
     "verifying the new model": (in_temp(".merged.tmp-", "tokenizer_config.json"), {"old"}),
-    # the swap itself: the old model is being moved aside (the old code deleted it before the new one was in)
-    "moving the old model aside": (lambda parent, names: any(n.startswith(".merged.old-") for n in names), {"old", "new"}),
 }
+
+# The swap lasts microseconds: polling missed it on a loaded CI machine ("the merge finished before it
+# could be killed"). So there the merge SIGKILLs itself, as it starts deleting the old model it moved aside.
+KILLED_AT_THE_SWAP = """
+import os, runpy, shutil, signal, sys
+rmtree = shutil.rmtree
+def rmtree_or_die(path, *args, **kwargs):
+    if ".merged.old-" in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+    rmtree(path, *args, **kwargs)
+shutil.rmtree = rmtree_or_die
+sys.argv[0] = "llm_finetune.merge"
+runpy.run_module("llm_finetune.merge", run_name="__main__", alter_sys=True)
+"""
 
 
 @pytest.mark.slow
@@ -191,12 +203,18 @@ def test_a_killed_merge_always_leaves_a_whole_model_and_its_temps_are_removed(ti
     out = tmp_path / "merged"
     shutil.copytree(tiny_mistral, out)  # the previous model at --out
     old_files = {p.name: p.stat().st_size for p in out.iterdir()}
+    merge_args = ["--adapter", str(tiny_qlora_run), "--out", str(out), "--overwrite"]
     killed = []
-    for label, (moment, allowed) in MOMENTS.items():
-        proc = start(["llm_finetune.merge", "--adapter", str(tiny_qlora_run), "--out", str(out), "--overwrite"],
-                     tmp_path / "merge.log")
-        assert kill_when(proc, tmp_path, moment), f"{label}: the merge finished before it could be killed: " + \
-            (tmp_path / "merge.log").read_text()[-2000:]
+    for label, (moment, allowed) in [*MOMENTS.items(), ("moving the old model aside", (None, {"old", "new"}))]:
+        if moment is None:
+            proc = subprocess.Popen([sys.executable, "-c", KILLED_AT_THE_SWAP, *merge_args], cwd=REPO, env=ENV,
+                                    stdout=subprocess.DEVNULL, stderr=(tmp_path / "merge.log").open("w"))
+            assert proc.wait(timeout=300) == -signal.SIGKILL, f"{label}: the merge was not killed: " + \
+                (tmp_path / "merge.log").read_text()[-2000:]
+        else:
+            proc = start(["llm_finetune.merge", *merge_args], tmp_path / "merge.log")
+            assert kill_when(proc, tmp_path, moment), f"{label}: the merge finished before it could be killed: " + \
+                (tmp_path / "merge.log").read_text()[-2000:]
         state = model_state(out, old_files)
         assert state in allowed, f"killed while {label}: --out holds the {state} model"
         killed.append(proc.pid)
