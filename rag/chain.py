@@ -271,10 +271,10 @@ class NumberGuard:
 
 
 def make_llm(model, tokenizer, *, max_new_tokens: int = 256, temperature: float = 0.0, decode_threads: int = 0,
-             grounded_numbers: bool = True, prefill_model=None):
+             grounded_numbers: bool = True, prefill_model=None, lookup_tokens: int = 10):
     """(LocalLLM over `model`, its StopFlag). `decode_threads` > 0: torch threads while writing the answer
     (the prompt is read with all of them); 0 keeps torch's count. `grounded_numbers`: the NumberGuard, so
-    every figure in an answer is one of the prompt's. `prefill_model`: see LocalLLM."""
+    every figure in an answer is one of the prompt's. `prefill_model`, `lookup_tokens`: see LocalLLM."""
     from rag.local_llm import LocalLLM
 
     eos_ids = []
@@ -286,5 +286,5 @@ def make_llm(model, tokenizer, *, max_new_tokens: int = 256, temperature: float 
     processors = [NumberGuard(tokenizer)] if grounded_numbers else []
     llm = LocalLLM(model=model, tokenizer=tokenizer, processors=processors, max_new_tokens=max_new_tokens,
                    temperature=temperature, eos_token_ids=eos_ids, stop=stop, decode_threads=decode_threads,
-                   prefill_model=prefill_model)
+                   prefill_model=prefill_model, lookup_tokens=lookup_tokens)
     return llm, stop

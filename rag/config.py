@@ -91,6 +91,10 @@ class RagConfig:
     decode_threads: int = field(default=0, metadata={
         "help": "CPU threads while the LLM writes the answer (the prompt is always read with all of torch's threads); "
                 "0 keeps torch's count."})
+    lookup_tokens: int = field(default=10, metadata={
+        "help": "Greedy answers: guess up to this many next tokens from what followed the answer's last two tokens "
+                "in the prompt (prompt lookup) and check them in one forward pass; the answer is the same, written "
+                "faster where it quotes the passages. 0 writes one token a step."})
 
     def __post_init__(self):
         self.file = [Path(p) for p in self.file]
@@ -111,6 +115,8 @@ class RagConfig:
             raise ValueError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0 (got {self.temperature})")
+        if self.lookup_tokens < 0:
+            raise ValueError(f"--lookup-tokens must be >= 0 (got {self.lookup_tokens})")
         self.persist_dir = Path(self.persist_dir)
         self.check_servers()
 

@@ -11,6 +11,21 @@ from langchain_core.outputs import GenerationChunk
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TextStreamer, TopKLogitsWarper
 
 
+def lookup_guesses(ids: torch.Tensor, n: int, limit: int) -> torch.Tensor:
+    """Up to `n` guessed next tokens (at most `limit`): what followed the last place before the end where the
+    text's last two tokens (else its last one) appeared, in the prompt or the answer so far; none if nowhere."""
+    n = min(n, limit)
+    for size in (2, 1):
+        if n <= 0 or len(ids) <= size:
+            break
+        windows = ids[:-1].unfold(0, size, 1)  # every earlier run of `size` tokens (not the last one itself)
+        starts = (windows == ids[-size:]).all(dim=1).nonzero()[:, 0]
+        if len(starts):
+            begin = int(starts[-1]) + size
+            return ids[begin: begin + n]
+    return ids[:0]
+
+
 class TextPieces(TextStreamer):
     """transformers' streamer (it cuts the text where a word is whole), writing into a list."""
 
@@ -40,7 +55,14 @@ class LocalLLM(LLM):
 
     `prefill_model`: a bfloat16 copy that reads the prompt (3x faster than float32 with AMX), whose
     cache the float32 `model` then writes from (a bfloat16 matrix-vector product is slower than a
-    float32 one here); None reads the prompt with `model`."""
+    float32 one here); None reads the prompt with `model`.
+
+    `lookup_tokens` (greedy only): prompt lookup decoding, as `generate(prompt_lookup_num_tokens=...)` does it.
+    After each token, up to that many tokens that followed the answer's last two tokens earlier in the text
+    (a RAG answer quotes its passages) go into the next forward pass with it; the answer keeps the guesses
+    greedy decoding picks itself and drops the rest from the cache. One pass over 11 tokens costs about
+    what one over a single token does on a CPU (decoding reads every weight either way): SmolLM2 on 20
+    long-corpus RAG prompts, 21.9 -> 42.3 tokens/s, every answer token for token the same (README)."""
 
     model: Any
     tokenizer: Any
@@ -51,6 +73,7 @@ class LocalLLM(LLM):
     stop: Any = None  # the StopFlag: held while an answer is written
     decode_threads: int = 0
     prefill_model: Any = None
+    lookup_tokens: int = 10
 
     @property
     def _llm_type(self) -> str:
@@ -105,21 +128,34 @@ class LocalLLM(LLM):
                         layer.keys, layer.values = layer.keys.to(self.model.dtype), layer.values.to(self.model.dtype)
             if self.decode_threads > 0:
                 torch.set_num_threads(self.decode_threads)
-            for step in range(self.max_new_tokens):
-                if self.stop is not None and self.stop.event.is_set():
-                    return  # Ctrl-C, a client that left: the answer ends here
-                with torch.inference_mode():
-                    scores = processors(ids, out.logits[:, -1, :].to(dtype=torch.float32))
-                    if self.temperature > 0:
-                        token = torch.multinomial(scores.softmax(-1), num_samples=1)[:, 0]
-                    else:
-                        token = scores.argmax(-1)
-                    ids = torch.cat([ids, token[:, None]], dim=1)
-                if token.item() in self.eos_token_ids:
-                    return
-                yield token
-                if step + 1 < self.max_new_tokens:
+            lookup = self.lookup_tokens if self.temperature == 0 else 0
+            scores_rows = out.logits[:, -1:, :]  # a row of logits per position whose next token is to be chosen
+            guesses = ids[0, :0]
+            written = 0
+            while True:
+                for row in range(scores_rows.shape[1]):
+                    if self.stop is not None and self.stop.event.is_set():
+                        return  # Ctrl-C, a client that left: the answer ends here
                     with torch.inference_mode():
-                        out = self.model(input_ids=token[:, None], cache=cache, use_cache=True)
+                        scores = processors(ids, scores_rows[:, row, :].to(dtype=torch.float32))
+                        if self.temperature > 0:
+                            token = torch.multinomial(scores.softmax(-1), num_samples=1)[:, 0]
+                        else:
+                            token = scores.argmax(-1)
+                        ids = torch.cat([ids, token[:, None]], dim=1)
+                    if token.item() in self.eos_token_ids:
+                        return
+                    yield token
+                    written += 1
+                    if written == self.max_new_tokens:
+                        return
+                    if row == len(guesses) or token.item() != guesses[row].item():
+                        break  # the next row's logits followed a guess that was not the answer's token
+                with torch.inference_mode():
+                    # the cache holds every token the model was given: drop the guesses the answer did not keep
+                    cache.crop(ids.shape[1] - 1 - cache.get_seq_length())
+                    guesses = lookup_guesses(ids[0], lookup, self.max_new_tokens - written - 1)
+                    out = self.model(input_ids=torch.cat([ids[:, -1], guesses])[None], cache=cache, use_cache=True)
+                    scores_rows = out.logits
         finally:
             torch.set_num_threads(threads)

@@ -13,7 +13,8 @@ busy machine slows both alike:
     --repeats, compared with the best first-token time (attention's FLOPs are left out of the limit);
   - decode: greedy answers to 20 fixed RAG prompts through make_llm: tokens/s from the first to the last
     streamed chunk, and whether each answer is token-for-token the one of today's path; "new_float32" is
-    the new loop on float32 alone (no bfloat16 reader: a CPU without AMX);
+    the new loop on float32 alone (no bfloat16 reader: a CPU without AMX); "new_no_lookup" the new path
+    without prompt lookup (--lookup-tokens 0: the previous release's defaults);
   - cli: `python -m rag.cli` one-shot on the sample report with a 48-token answer, wall time from the
     command's start to its exit, warm caches (one untimed run first), and the import time alone; today's
     command is rag.cli of --baseline-rev (the first version), run from a git worktree of it;
@@ -252,6 +253,9 @@ def bench_decode(cfg: BenchSpeedConfig, old, new_pair, tokenizer) -> dict:
     prompts = decode_prompts(tokenizer, cfg.decode_prompts)
     paths = {"old": todays_llm(old, tokenizer, cfg.decode_tokens),
              "new_float32": make_llm(old, tokenizer, max_new_tokens=cfg.decode_tokens)[0],
+             # the new path without prompt lookup: the previous release's defaults
+             "new_no_lookup": make_llm(new, tokenizer, max_new_tokens=cfg.decode_tokens, prefill_model=reader,
+                                       lookup_tokens=0)[0],
              "new": make_llm(new, tokenizer, max_new_tokens=cfg.decode_tokens, prefill_model=reader)[0]}
     stream_answer(paths["new"], tokenizer, prompts[0])  # warm-up
     rates = {k: [] for k in paths}
@@ -269,6 +273,7 @@ def bench_decode(cfg: BenchSpeedConfig, old, new_pair, tokenizer) -> dict:
         out[f"{name}_same_as_old"] = sum(a == b for a, b in zip(answers[name], answers["old"])) / len(prompts)
     out["speedup"] = round(out["new_tokens_per_s"] / out["old_tokens_per_s"], 2)
     out["speedup_float32"] = round(out["new_float32_tokens_per_s"] / out["old_tokens_per_s"], 2)
+    out["speedup_no_lookup"] = round(out["new_no_lookup_tokens_per_s"] / out["old_tokens_per_s"], 2)
     return out
 
 
@@ -369,8 +374,10 @@ def table(results: dict) -> str:
     if "decode" in results:
         r = results["decode"]
         rows.append(f"| decode, {r['prompts']} prompts | {r['old_tokens_per_s']} tok/s | {r['new_tokens_per_s']} tok/s "
-                    f"({r['new_float32_tokens_per_s']} float32) | {r['speedup']}x ({r['speedup_float32']}x) | same answer "
-                    f"{r['new_same_as_old']} ({r['new_float32_same_as_old']} float32) | {r['load']} |")
+                    f"({r['new_float32_tokens_per_s']} float32, {r['new_no_lookup_tokens_per_s']} no lookup) | "
+                    f"{r['speedup']}x ({r['speedup_float32']}x, {r['speedup_no_lookup']}x) | same answer "
+                    f"{r['new_same_as_old']} ({r['new_float32_same_as_old']} float32, {r['new_no_lookup_same_as_old']} no "
+                    f"lookup) | {r['load']} |")
     if "cli" in results:
         r = results["cli"]
         rows.append(f"| rag.cli one-shot, 48 tokens | {r['old_wall_s']} s | {r['new_wall_s']} s | {r['speedup']}x "

@@ -73,6 +73,48 @@ def test_the_local_llm_writes_what_generate_writes(tiny_mistral, dtype):
         assert greedy(llm, prompt) == tokenizer.decode(expected, skip_special_tokens=True)
 
 
+def test_lookup_guesses_are_what_followed_the_last_two_tokens_before():
+    from rag.local_llm import lookup_guesses
+
+    ids = torch.tensor([5, 6, 7, 8, 9, 1, 5, 6])
+    assert lookup_guesses(ids, 3, 10).tolist() == [7, 8, 9]  # "5 6" came before: what followed it
+    assert lookup_guesses(ids, 3, 2).tolist() == [7, 8]  # no more than the answer may still write
+    assert lookup_guesses(torch.tensor([1, 2, 1, 2, 3, 4, 1, 2]), 2, 10).tolist() == [3, 4]  # the latest place
+    assert lookup_guesses(torch.tensor([4, 7, 3, 7]), 5, 10).tolist() == [3, 7]  # one token when two never repeat
+    assert lookup_guesses(torch.tensor([1, 2, 3]), 5, 10).tolist() == []
+    assert lookup_guesses(ids, 0, 10).tolist() == [] and lookup_guesses(torch.tensor([3]), 4, 10).tolist() == []
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prompt_lookup_writes_the_same_answer_in_fewer_passes(tiny_mistral, dtype):
+    """The guesses checked in one pass change nothing in the answer, NumberGuard included; on a prompt the
+    answer repeats (the tiny random model loops), passes take several tokens and there are fewer of them."""
+    from rag.chain import make_llm
+
+    model, tokenizer = models.load_llm(str(tiny_mistral), dtype=dtype)
+    one_at_a_time, _ = make_llm(model, tokenizer, max_new_tokens=40, lookup_tokens=0)
+    looked_up, _ = make_llm(model, tokenizer, max_new_tokens=40, lookup_tokens=10)
+    prompts = ["<s>[INST] What was the CET1 ratio in 2025? [/INST]",
+               "<s>[INST] Revenue rose 6.8% to $8.64 billion in 2025; revenue rose 6.8% in 2025. [/INST]"]
+    passes = {}
+    for name, llm in (("one", one_at_a_time), ("lookup", looked_up)):
+        answers, calls = [], []  # calls: the tokens of each pass over the answer (the prompt's pass left out)
+        for prompt in prompts:
+            sizes = []
+            hook = model.register_forward_pre_hook(lambda mod, args, kwargs: sizes.append(kwargs["input_ids"].shape[1]),
+                                                   with_kwargs=True)
+            try:
+                answers.append(list(map(int, llm.token_ids(prompt))))
+            finally:
+                hook.remove()
+            calls += sizes[1:]
+        passes[name] = (answers, calls)
+    assert passes["lookup"][0] == passes["one"][0]
+    assert all(len(answer) > 20 for answer in passes["one"][0])
+    assert max(passes["one"][1]) == 1 and max(passes["lookup"][1]) > 1
+    assert len(passes["lookup"][1]) < len(passes["one"][1])
+
+
 def test_a_set_stop_flag_ends_the_answer_at_the_next_token(tiny_mistral):
     """What Ctrl-C in a session and a web client that leaves do (from another thread in rag.serve)."""
     from rag.chain import make_llm
@@ -108,7 +150,7 @@ def test_a_bfloat16_reader_hands_its_cache_to_the_float32_writer(tiny_mistral):
         for hook in hooks:
             hook.remove()
     assert calls[0][0] == "reader" and calls[0][1] > 1  # the prompt, read once by the copy
-    assert all(name == "writer" and n == 1 for name, n in calls[1:])  # then one token at a time
+    assert all(name == "writer" for name, n in calls[1:])  # then the answer, by the float32 model
     assert isinstance(text, str)
 
 
