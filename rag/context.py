@@ -87,9 +87,11 @@ def passage_units(docs: list[Any]) -> list[Unit]:
 
 
 def evidence_passages(question: str, docs: list[Any], embed, count_tokens: Callable[[str], int], budget_tokens: int,
-                      lexical_weight: float = LEXICAL_WEIGHT, figure_weight: float = FIGURE_WEIGHT) -> list[Any]:
+                      lexical_weight: float = LEXICAL_WEIGHT, figure_weight: float = FIGURE_WEIGHT,
+                      keep: Callable[[str], bool] | None = None) -> list[Any]:
     """The retrieved `docs` cut down to their best-scoring units (see the module docstring). Each
-    returned Document keeps its metadata plus "units": [start, end, text] of its kept units in the chunk."""
+    returned Document keeps its metadata plus "units": [start, end, text] of its kept units in the chunk.
+    `keep`: units it accepts are kept first, whatever their score (rag.raft's oracle sentence)."""
     from langchain_core.documents import Document
 
     units = passage_units(docs)
@@ -98,7 +100,7 @@ def evidence_passages(question: str, docs: list[Any], embed, count_tokens: Calla
     score_units(question, units, embed, lexical_weight, figure_weight, spell_out=True)
     kept: set[int] = set()
     used = 0
-    for n in sorted(range(len(units)), key=lambda n: -units[n].score):
+    for n in sorted(range(len(units)), key=lambda n: (not (keep and keep(units[n].text)), -units[n].score)):
         group = [n]
         prev = n - 1
         if len(units[n].text.split()) < FRAGMENT_WORDS and prev >= 0 and units[prev].doc == units[n].doc:

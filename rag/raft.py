@@ -74,6 +74,10 @@ class RaftConfig:
     p_missing: float = field(default=0.0, metadata={
         "help": "Share of questions shown without any passage that holds the answer; their target is the "
                 "\"I don't know\" answer (default 0: measured, it taught SmolLM2 to decline answerable questions)."})
+    evidence_cut: Literal["skip", "insert"] = field(default="skip", metadata={
+        "help": "A question whose evidence sentence the context cut away: skip it (counted), or insert the sentence "
+                "into the context first, with the best other sentences after it up to the budget (RAFT's oracle "
+                "passage among distractors, at sentence level)."})
     p_foreign: float = field(default=0.0, metadata={
         "help": "Questions about documents you did not give (the shipped sample corpora's tune-half questions), as "
                 "a share of your questions, shown with what the retriever returns for them; their target is the "
@@ -136,11 +140,15 @@ def longest_unit(passages: list[Any], keep: Callable[[str], bool]) -> tuple[int,
     return best
 
 
+def is_part(evidence: str, text: str) -> bool:
+    """`text` is part of the evidence sentence or holds it: the splitters of embeddings.prepare and rag.context
+    cut sentences a little differently."""
+    return len(text.split()) >= 3 and (holds(evidence, text) or holds(text, evidence))
+
+
 def target_unit(passages: list[Any], evidence: str) -> tuple[int, str] | None:
-    """The longest unit shown that is part of the evidence sentence or holds it: the splitters of
-    embeddings.prepare and rag.context cut sentences a little differently."""
-    return longest_unit(passages, lambda text: len(text.split()) >= 3
-                        and (holds(evidence, text) or holds(text, evidence)))
+    """The longest unit shown that is part of the evidence sentence or holds it (is_part)."""
+    return longest_unit(passages, lambda text: is_part(evidence, text))
 
 
 def answering_unit(passages: list[Any], evidence: str, answer: str | None) -> tuple[int, str] | None:
@@ -182,12 +190,13 @@ class Builder:
         self.answerer = Answerer(rag_cfg, time.perf_counter())
         self.tokenizer = load_tokenizer(resolve_llm(cfg.llm))
 
-    def passages(self, question: str, docs: list[Any]) -> list[Any]:
+    def passages(self, question: str, docs: list[Any], keep: Callable[[str], bool] | None = None) -> list[Any]:
         """What rag.cli's chain puts in the prompt (examples longer than llm_finetune.train's --max-length
-        are dropped there, as the chain drops passages a short context window has no room for)."""
+        are dropped there, as the chain drops passages a short context window has no room for); `keep`: units
+        kept first (rag.context.evidence_passages)."""
         if self.cfg.context == "sentences":
             docs = evidence_passages(question, docs, self.answerer.embeddings.embed_documents,
-                                     lambda text: count_tokens(self.tokenizer, text), self.cfg.context_tokens)
+                                     lambda text: count_tokens(self.tokenizer, text), self.cfg.context_tokens, keep=keep)
         return docs
 
     def example(self, question: str, evidence: str | None, answer: str | None, split: str) -> tuple[dict | None, str]:
@@ -213,21 +222,25 @@ class Builder:
         else:
             docs = place_gold(docs, gold, self.cfg.k, rng)
         shown = self.passages(question, docs)
+        kind = "missing" if missing else "answer"
         if missing:
             unit = None
             if answering_unit(shown, evidence, answer):  # another report's sentence gives the same figure
                 return None, "missing_answered"
         else:
             unit = target_unit(shown, evidence) or answering_unit(shown, evidence, answer)
+            if unit is None and self.cfg.evidence_cut == "insert":
+                shown = self.passages(question, docs, keep=lambda text: is_part(evidence, text))
+                unit, kind = target_unit(shown, evidence), "evidence_inserted"
             if unit is None:
                 # the context cut kept other sentences of the answering chunk: neither a quote nor a fair "I don't
                 # know" (25% of the first grounded set was this; trained as "I don't know" it taught declining)
                 return None, "evidence_cut"
-        kind = "missing" if missing else "answer"
         messages = prompt_messages(self.tokenizer, shown, question)
         row = {"messages": [*messages, {"role": "assistant", "content": answer_text(unit)}],
-               "split": split, "kind": kind, "evidence": evidence, "source": gold.metadata.get("source"),
-               "retrieved": retrieved}  # False: the answering chunk was put in among what retrieval found
+               "split": split, "kind": "missing" if missing else "answer", "evidence": evidence,
+               "source": gold.metadata.get("source"), "retrieved": retrieved,  # False: the answering chunk was put
+               "inserted": kind == "evidence_inserted"}  # in among what retrieval found; its sentence put first
         return row, kind
 
     def foreign_example(self, question: str, answer: str, split: str) -> tuple[dict | None, str]:
@@ -238,7 +251,7 @@ class Builder:
             return None, "foreign_answered"
         messages = [*prompt_messages(self.tokenizer, shown, question), {"role": "assistant", "content": NO_ANSWER}]
         row = {"messages": messages, "split": split, "kind": "foreign", "evidence": None, "source": None,
-               "retrieved": False}
+               "retrieved": False, "inserted": False}
         return row, "foreign"
 
 
@@ -324,7 +337,7 @@ def main(cfg: RaftConfig) -> dict:
         raise TuneragError("no questions: the documents gave none (too short?) and no --qa-file rows were usable")
     foreign = foreign_questions(cfg, round(cfg.p_foreign * len(items)))
     stats["foreign_questions"] = len(foreign)
-    rows, counts = [], {"answer": 0, "missing": 0, "foreign": 0, "evidence_cut": 0, "answer_not_found": 0,
+    rows, counts = [], {"answer": 0, "evidence_inserted": 0, "missing": 0, "foreign": 0, "evidence_cut": 0, "answer_not_found": 0,
                         "evidence_not_indexed": 0, "missing_answered": 0, "foreign_answered": 0}
     jobs = [(builder.example, item) for item in items] + [(builder.foreign_example, item) for item in foreign]
     for build, item in tqdm(jobs, desc="retrieving passages", unit="question"):
@@ -340,11 +353,13 @@ def main(cfg: RaftConfig) -> dict:
         raise TuneragError(f"cannot write --out {str(cfg.out)!r}: {e.strerror or e}") from None
     stats.update(rows=len(rows), train=sum(r["split"] == "train" for r in rows),
                  val=sum(r["split"] == "val" for r in rows), kinds=counts, seconds=round(time.perf_counter() - started, 1))
-    logger.info("wrote %s: %d rows (%d train, %d val): %d answer the question, %d without the answering passage and %d "
-                "about other documents (target \"I don't know\"); skipped %d questions whose sentence the context cut, "
+    logger.info("wrote %s: %d rows (%d train, %d val): %d answer the question (%d with their sentence inserted), %d "
+                "without the answering passage and %d about other documents (target \"I don't know\"); skipped %d "
+                "questions whose sentence the context cut, "
                 "%d Q/A rows whose answer no passage holds, %d questions whose sentence is in no indexed chunk, %d "
                 "whose other passages still answer them and %d foreign questions a passage answers (%.1f s)", cfg.out,
-                len(rows), stats["train"], stats["val"], counts["answer"], counts["missing"], counts["foreign"],
+                len(rows), stats["train"], stats["val"], counts["answer"] + counts["evidence_inserted"],
+                counts["evidence_inserted"], counts["missing"], counts["foreign"],
                 counts["evidence_cut"], counts["answer_not_found"], counts["evidence_not_indexed"],
                 counts["missing_answered"], counts["foreign_answered"], stats["seconds"])
     return stats

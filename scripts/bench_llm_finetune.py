@@ -56,6 +56,7 @@ class BenchConfig:
     p_foreign: float = field(default=0.0, metadata={
         "help": "--answers: rag.raft --p-foreign (tune-half questions of the other corpora; the held-out ones asked "
                 "as foreign questions are never trained on)."})
+    evidence_cut: str = field(default="skip", metadata={"help": "--answers: rag.raft --evidence-cut (skip or insert)."})
     raft_context_tokens: int | None = field(default=None, metadata={
         "help": "--answers: rag.raft --context-tokens, the passages' budget in the training prompts "
                 "(default: rag.cli's)."})
@@ -208,7 +209,8 @@ def grounded(cfg: BenchConfig) -> dict:
                 qa_file.write_text(json.dumps(corpus_questions(corpus, "tune")))
             raft_stats[corpus] = in_fresh_process(phase_raft, RaftConfig(
                 docs=corpus_files(corpus), out=workdir / f"raft_{corpus}.jsonl", questions=n, p_missing=cfg.p_missing,
-                p_foreign=cfg.p_foreign, qa_file=qa_file, persist_dir=workdir / "chroma", seed=cfg.seed,
+                p_foreign=cfg.p_foreign, evidence_cut=cfg.evidence_cut, qa_file=qa_file, persist_dir=workdir / "chroma",
+                seed=cfg.seed,
                 **({"context_tokens": cfg.raft_context_tokens} if cfg.raft_context_tokens else {})))
         grounded_rows.write_text("".join((workdir / f"raft_{c}.jsonl").read_text() for c in cfg.corpus))
     overrides = {"max_steps": cfg.max_steps} if cfg.max_steps else {}

@@ -8,7 +8,8 @@ from langchain_core.documents import Document
 
 from llm_finetune.data import build_examples, mix_sources, split_rows
 from rag.chain import NO_ANSWER, is_no_answer
-from rag.raft import RaftConfig, answering_unit, covers, foreign_questions, holds, main, place_gold, target_unit
+from rag.raft import (RaftConfig, answering_unit, covers, foreign_questions, holds, is_part, main, place_gold,
+                      target_unit)
 
 
 def test_target_unit_is_the_longest_shown_piece_of_the_evidence():
@@ -145,6 +146,27 @@ def test_a_rerun_resumes_from_the_cache_and_writes_the_same_bytes(raft_run):
     again = main(cfg)
     assert cfg.out.read_bytes() == first
     assert all(side["generated"] == 0 for side in again["documents"]["llm"].values())
+
+
+def test_evidence_cut_insert_puts_the_cut_sentence_into_the_context(raft_run):
+    """--evidence-cut insert: a question skipped because the 40-token context kept other sentences becomes a
+    row whose prompt shows its evidence sentence and whose answer quotes it; the other rows stay as they were."""
+    from dataclasses import replace
+
+    cfg, stats = raft_run
+    inserted_cfg = replace(cfg, out=cfg.out.with_name("inserted.jsonl"), evidence_cut="insert")
+    inserted_stats = main(inserted_cfg)
+    kinds, inserted_kinds = stats["kinds"], inserted_stats["kinds"]
+    assert kinds["evidence_cut"] > 0 and inserted_kinds["evidence_inserted"] > 0
+    assert inserted_kinds["evidence_inserted"] + inserted_kinds["evidence_cut"] == kinds["evidence_cut"]
+    rows = [json.loads(line) for line in inserted_cfg.out.read_text().splitlines()]
+    before = [json.loads(line) for line in cfg.out.read_text().splitlines()]
+    assert [r for r in rows if not r["inserted"]] == before
+    for row in (r for r in rows if r["inserted"]):
+        _, user, answer = row["messages"]
+        sentence, cite = answer["content"].rsplit(" [", 1)
+        passage = user["content"].split(f"[{cite[:-1]}] ", 1)[1].split("\n\n")[0]
+        assert " ".join(sentence.split()) in " ".join(passage.split()) and is_part(row["evidence"], sentence), row
 
 
 def test_qa_file_rows_without_passages_are_found_or_counted(tmp_path, sample_doc, sample_qa):
