@@ -12,7 +12,8 @@ supporting sentence copied word for word, then its passage number, "... [2]". Qu
 evidence) or from a Q/A file. RAFT's two twists: when retrieval misses the answering chunk it is put
 in at a random place among the distractors, and for a share of questions (--p-missing) every passage
 that holds the evidence is removed and the target is `rag.chain.NO_ANSWER`. A question whose sentence the
-evidence-first context cut away is skipped (counted): neither a quote nor a fair "I don't know". And questions
+evidence-first context cut away is skipped (counted): neither a quote nor a fair "I don't know"; or, with
+--evidence-cut insert, its sentence is kept first and the best others fill the budget. And questions
 about documents you did not give (--p-foreign: the tune halves of the shipped sample corpora that are not among
 DOCS, about other, fictional, companies) come with what the retriever returns for them and the same
 "I don't know" target: the passages then hold related words but never the answer, the case a user meets
@@ -337,8 +338,8 @@ def main(cfg: RaftConfig) -> dict:
         raise TuneragError("no questions: the documents gave none (too short?) and no --qa-file rows were usable")
     foreign = foreign_questions(cfg, round(cfg.p_foreign * len(items)))
     stats["foreign_questions"] = len(foreign)
-    rows, counts = [], {"answer": 0, "evidence_inserted": 0, "missing": 0, "foreign": 0, "evidence_cut": 0, "answer_not_found": 0,
-                        "evidence_not_indexed": 0, "missing_answered": 0, "foreign_answered": 0}
+    rows, counts = [], {"answer": 0, "evidence_inserted": 0, "missing": 0, "foreign": 0, "evidence_cut": 0,
+                        "answer_not_found": 0, "evidence_not_indexed": 0, "missing_answered": 0, "foreign_answered": 0}
     jobs = [(builder.example, item) for item in items] + [(builder.foreign_example, item) for item in foreign]
     for build, item in tqdm(jobs, desc="retrieving passages", unit="question"):
         row, what = build(*item)
@@ -355,9 +356,9 @@ def main(cfg: RaftConfig) -> dict:
                  val=sum(r["split"] == "val" for r in rows), kinds=counts, seconds=round(time.perf_counter() - started, 1))
     logger.info("wrote %s: %d rows (%d train, %d val): %d answer the question (%d with their sentence inserted), %d "
                 "without the answering passage and %d about other documents (target \"I don't know\"); skipped %d "
-                "questions whose sentence the context cut, "
-                "%d Q/A rows whose answer no passage holds, %d questions whose sentence is in no indexed chunk, %d "
-                "whose other passages still answer them and %d foreign questions a passage answers (%.1f s)", cfg.out,
+                "questions whose sentence the context cut, %d Q/A rows whose answer no passage holds, %d questions "
+                "whose sentence is in no indexed chunk, %d whose other passages still answer them and %d foreign "
+                "questions a passage answers (%.1f s)", cfg.out,
                 len(rows), stats["train"], stats["val"], counts["answer"] + counts["evidence_inserted"],
                 counts["evidence_inserted"], counts["missing"], counts["foreign"],
                 counts["evidence_cut"], counts["answer_not_found"], counts["evidence_not_indexed"],
