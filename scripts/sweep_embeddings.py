@@ -67,6 +67,9 @@ class SweepConfig:
                                            metadata={"help": "Queries per chunk (repeatable: one pairs set each)."})
     roundtrip_top_k: list[int] = field(default_factory=lambda: [PrepareConfig.roundtrip_top_k],
                                        metadata={"help": "--generator llm: round-trip filter K (repeatable: one pairs set each)."})
+    llm_dtype: list[str] = field(default_factory=lambda: ["auto"], metadata={
+        "help": "--corpus: embeddings.prepare --llm-dtype of the question writer (repeatable: one pairs set each; "
+                "a value other than auto is named in the setting's data).", "choices": ["auto", "float32", "bfloat16"]})
     learning_rate: list[float] = field(default_factory=lambda: [5e-5, 1e-4, 2e-4], metadata={"help": "Repeatable."})
     epochs: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0], metadata={"help": "Repeatable."})
     batch_size: list[int] = field(default_factory=lambda: [16, 32], metadata={"help": "Repeatable."})
@@ -174,14 +177,16 @@ def sweep_corpora(cfg: SweepConfig, json_out=None) -> dict:
         handwritten, _ = qa_pairs_over_chunks(corpus_questions(corpus, "heldout"), PrepareConfig(docs=docs))
         for generator in cfg.generator:
             roundtrip = cfg.roundtrip_top_k if generator == "llm" else [0]
-            for qpc, top_k in itertools.product(cfg.questions_per_chunk, roundtrip):
+            dtypes = cfg.llm_dtype if generator == "llm" or cfg.check_generator == "llm" else ["auto"]
+            for qpc, top_k, llm_dtype in itertools.product(cfg.questions_per_chunk, roundtrip, dtypes):
                 data = f"q{qpc}" + (f"-rt{top_k}" if generator == "llm" else "")
                 data += "-checkllm" if generator == "ict" and cfg.check_generator == "llm" else ""
+                data += f"-{llm_dtype}" if llm_dtype != "auto" else ""
                 pairs = work / corpus / f"pairs-{generator}-{data}"
                 t = time.perf_counter()
                 prepare.main(PrepareConfig(docs=docs, out=pairs, generator=generator, questions_per_chunk=qpc,
                                            roundtrip_top_k=top_k, check_generator=cfg.check_generator,
-                                           cache=work / f"question_cache-{corpus}.jsonl"))
+                                           llm_dtype=llm_dtype, cache=work / f"question_cache-{corpus}.jsonl"))
                 prepare_seconds = round(time.perf_counter() - t, 1)
                 sets = {"val": load_pairs(pairs / "val.json"), "heldout": load_pairs(pairs / "heldout.json"),
                         "handwritten": handwritten}

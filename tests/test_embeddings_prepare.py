@@ -170,6 +170,13 @@ def test_smollm2_writes_questions_and_resumes_from_cache(smollm2_path, two_docs,
     again = main(cfg)
     assert again["llm"]["generated"] == 0 and again["llm"]["from_cache"] == 4
     assert (tmp_path / "a" / "train.json").read_text() == (tmp_path / "b" / "train.json").read_text()
+    # --llm-dtype auto wrote in bfloat16 where the CPU has it: float32 keeps cache entries of its own
+    from dataclasses import replace
+
+    from tunerag.models import pick_dtype
+
+    in_float32 = main(replace(cfg, out=tmp_path / "c", llm_dtype="float32"))
+    assert in_float32["llm"]["generated"] == (0 if pick_dtype("auto") == "float32" else 4)
 
 
 def test_ict_pairs_checked_with_llm_questions(smollm2_path, two_docs, tmp_path):
