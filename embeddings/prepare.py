@@ -209,8 +209,9 @@ def write_questions(contexts: list[str], cfg: PrepareConfig) -> tuple[list[list[
         tokenizer.pad_token = tokenizer.eos_token
     fingerprint = model_identity(resolved)  # retraining into the same folder invalidates the cache
     # a bfloat16 model writes other words now and then: its own cache entries (float32's keys are unchanged)
-    settings = json.dumps({"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                           "seed": cfg.seed if cfg.temperature > 0 else None} | ({"dtype": dtype} if dtype != "float32" else {}))
+    settings = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                "seed": cfg.seed if cfg.temperature > 0 else None}
+    settings = json.dumps(settings | ({"dtype": dtype} if dtype != "float32" else {}))
     prompts = [render_prompt(tokenizer, question_messages(context, cfg.seed)) for context in contexts]
     keys = [hashlib.sha256("\x1f".join([fingerprint, prompt, settings]).encode()).hexdigest() for prompt in prompts]
     cache = QuestionCache(cfg.cache or tunerag_home() / "embeddings" / "question_cache.jsonl")
@@ -219,8 +220,8 @@ def write_questions(contexts: list[str], cfg: PrepareConfig) -> tuple[list[list[
     new = sum(k not in cache.outputs for k in keys)
     prompt_tokens = sum(len(tokenizer(prompts[i], add_special_tokens=False)["input_ids"]) for i in todo)
     logger.info("LLM questions: %d prompts, %d cached, %d to generate (%d batches of up to %d, incl. %d "
-                "cached prompts that share a batch with new ones) with %s in %s: about %d prompt tokens + up to %d new tokens "
-                "(cache: %s)", len(keys), len(keys) - new, len(todo), len(batches), cfg.batch_size,
+                "cached prompts that share a batch with new ones) with %s in %s: about %d prompt tokens + up to %d new "
+                "tokens (cache: %s)", len(keys), len(keys) - new, len(todo), len(batches), cfg.batch_size,
                 len(todo) - new, cfg.llm, dtype, prompt_tokens, len(todo) * cfg.max_new_tokens, cache.path)
 
     def generate(batch: list[int]) -> None:

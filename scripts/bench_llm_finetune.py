@@ -30,6 +30,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a checkout without an install
 
@@ -56,7 +57,7 @@ class BenchConfig:
     p_foreign: float = field(default=0.0, metadata={
         "help": "--answers: rag.raft --p-foreign (tune-half questions of the other corpora; the held-out ones asked "
                 "as foreign questions are never trained on)."})
-    evidence_cut: str = field(default="skip", metadata={"help": "--answers: rag.raft --evidence-cut (skip or insert)."})
+    evidence_cut: Literal["skip", "insert"] = field(default="skip", metadata={"help": "--answers: rag.raft --evidence-cut."})
     raft_context_tokens: int | None = field(default=None, metadata={
         "help": "--answers: rag.raft --context-tokens, the passages' budget in the training prompts "
                 "(default: rag.cli's)."})

@@ -140,7 +140,7 @@ def test_a_bfloat16_reader_hands_its_cache_to_the_float32_writer(tiny_mistral):
     reader = models.prefill_copy(model, "bfloat16")
     assert reader.dtype == torch.bfloat16 and model.dtype == torch.float32
     assert models.prefill_copy(model, None) is None
-    llm, _ = make_llm(model, tokenizer, max_new_tokens=8, prefill_model=reader)
+    llm, _ = make_llm(model, tokenizer, max_new_tokens=8, prefill_model=reader, lookup_tokens=0)
     calls = []
     hooks = [m.register_forward_pre_hook(lambda mod, args, kwargs, name=name: calls.append((name, kwargs["input_ids"].shape[1])),
                                          with_kwargs=True) for name, m in (("reader", reader), ("writer", model))]
@@ -150,8 +150,11 @@ def test_a_bfloat16_reader_hands_its_cache_to_the_float32_writer(tiny_mistral):
         for hook in hooks:
             hook.remove()
     assert calls[0][0] == "reader" and calls[0][1] > 1  # the prompt, read once by the copy
-    assert all(name == "writer" for name, n in calls[1:])  # then the answer, by the float32 model
+    assert all(name == "writer" and n == 1 for name, n in calls[1:])  # then one token at a time
     assert isinstance(text, str)
+    # with prompt lookup (the default) the writer checks guesses from the handed-over cache: the same answer
+    looked_up, _ = make_llm(model, tokenizer, max_new_tokens=8, prefill_model=reader)
+    assert looked_up.invoke("<s>[INST] What was the CET1 ratio in 2025? [/INST]") == text
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
