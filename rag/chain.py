@@ -76,6 +76,13 @@ def search_text(inputs: dict) -> str:
     return inputs.get("retrieval_query") or inputs["query"]
 
 
+def retrieved(retriever, inputs: dict) -> list:
+    """The passages for a chain's inputs: the ones the caller retrieved (rag.cli's support check), else the
+    retriever's for `search_text`."""
+    docs = inputs.get("source_documents")
+    return docs if docs is not None else retriever.invoke(search_text(inputs))
+
+
 def history_messages(history: list[tuple[str, str]]) -> list[dict[str, str]]:
     return [m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
 
@@ -147,12 +154,13 @@ def fit_prompt(tokenizer, passages: list[Any], question: str, max_prompt_tokens:
 def build_prompt_step(retriever, tokenizer, max_prompt_tokens: int, select=None):
     """{"query"} -> {"query", "prompt", "source_documents"}: retrieval, the optional `select(question,
     docs) -> docs` (rag.context's evidence-first cut), and prompt fitting. A follow-up is searched for
-    with the question before it (`retrieval_query`)."""
+    with the question before it (`retrieval_query`); passages the caller already retrieved for it come
+    in as "source_documents"."""
     from langchain_core.runnables import RunnableLambda
 
     def fit(inputs: dict) -> dict:
         search = search_text(inputs)
-        docs = retriever.invoke(search)
+        docs = retrieved(retriever, inputs)
         if select is not None:
             docs = select(search, docs)
         prompt, kept = fit_prompt(tokenizer, docs, inputs["query"], max_prompt_tokens, inputs.get("history") or [])

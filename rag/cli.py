@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from rag.chain import is_no_answer, retrieval_query, search_text
+from rag.chain import NO_ANSWER, is_no_answer, retrieval_query, retrieved, search_text
 from rag.config import RagConfig
 from rag.context import best_unit, citations, evidence_passages, evidence_record, support
 from rag.retrieve import make_retriever, open_bm25
@@ -88,17 +88,18 @@ def format_evidence(evidence: dict | None) -> str:
 
 
 def ask(chain, question: str, out: dict, on_token: Callable[[str], None] | None = None, stop=None,
-        history: list[tuple[str, str]] = ()) -> dict:
+        history: list[tuple[str, str]] = (), docs: list | None = None) -> dict:
     """Stream one answer into `out` ({"query", "result", "source_documents"}) and return the seconds
     to retrieval and to the first token. `out` is filled as it goes, so an answer stopped with
-    Ctrl-C still has its passages. `stop` is the LLM's StopFlag (rag.chain.make_llm), if there is one."""
+    Ctrl-C still has its passages. `stop` is the LLM's StopFlag (rag.chain.make_llm), if there is one;
+    `docs`: the passages, already retrieved for the question."""
     if stop is not None:
         stop.ready_for_next()
     t0 = time.perf_counter()
     marks: dict[str, float] = {}
     out.update(query=question, result="", source_documents=[])
-    stream = chain.stream({"query": question, "retrieval_query": retrieval_query(question, list(history)),
-                           "history": list(history)})
+    inputs = {"query": question, "retrieval_query": retrieval_query(question, list(history)), "history": list(history)}
+    stream = chain.stream(inputs if docs is None else inputs | {"source_documents": docs})
     finished = False
     try:
         for chunk in stream:
@@ -164,6 +165,7 @@ class Answerer:
                 bm25 = open_bm25(store._collection, local / name if cfg.chroma_url else local / "bm25" / name,
                                  changed=changed)
         self.embeddings = embeddings
+        self.embed = last_call_kept(embeddings.embed_documents)
         self.bm25 = bm25
         self.retriever = make_retriever(store, bm25, cfg.k, sorted({d.metadata["source"] for d in docs}),
                                         mode=cfg.retriever, bm25_weight=cfg.bm25_weight, year_weight=cfg.year_weight,
@@ -196,8 +198,8 @@ class Answerer:
         from langchain_core.runnables import RunnableLambda
 
         def answer(inputs: dict) -> dict:
-            docs = self.retriever.invoke(search_text(inputs))
-            unit = best_unit(inputs["query"], docs, self.embeddings.embed_documents)
+            docs = retrieved(self.retriever, inputs)
+            unit = best_unit(inputs["query"], docs, self.embed)
             return {"query": inputs["query"], "source_documents": docs, "result": unit.text if unit else "",
                     "unit": unit}
 
@@ -211,7 +213,7 @@ class Answerer:
         if cfg.llm_url is not None:  # an OpenAI-compatible server writes the answers: no LLM loads here
             from rag.remote import remote_answer_chain
 
-            chain, self.stop = remote_answer_chain(cfg, self.retriever, self.embeddings)
+            chain, self.stop = remote_answer_chain(cfg, self.retriever, self.embeddings, self.embed)
             return chain
         from tunerag.models import llm_dtypes, prefill_copy
 
@@ -238,8 +240,8 @@ class Answerer:
         select = None
         if cfg.context == "sentences":
             def select(question: str, docs: list) -> list:
-                return evidence_passages(question, docs, self.embeddings.embed_documents,
-                                         lambda text: count_tokens(tokenizer, text), cfg.context_tokens)
+                return evidence_passages(question, docs, self.embed, lambda text: count_tokens(tokenizer, text),
+                                         cfg.context_tokens)
         return build_chain(self.retriever, llm, tokenizer, max_prompt_tokens=window - cfg.max_new_tokens, select=select)
 
     def ask(self, question: str, out: dict, on_token: Callable[[str], None] | None = None,
@@ -249,8 +251,19 @@ class Answerer:
             raise TuneragError("the question is empty; ask something about the document")
         unknown = self.unknown_names(question)
         if unknown:
-            return self.decline(question, unknown, out, on_token, history)
-        marks = ask(self.chain, question.strip(), out, on_token, self.stop, history)
+            names = " or ".join(dict.fromkeys(unknown))
+            return self.decline(question, f"I don't know: the documents never mention {names}.", out, on_token, history)
+        docs, checked_s = None, 0.0
+        if self.cfg.min_support > 0 and not self.cfg.retrieve_only:
+            t0 = time.perf_counter()
+            search = retrieval_query(question.strip(), list(history))
+            docs = self.retriever.invoke(search)
+            best = best_unit(search, docs, self.embed)
+            checked_s = time.perf_counter() - t0
+            if best is None or best.score < self.cfg.min_support:
+                return self.decline(question, NO_ANSWER, out, on_token, history, docs, checked_s)
+        marks = ask(self.chain, question.strip(), out, on_token, self.stop, history, docs)
+        marks = {name: seconds + checked_s for name, seconds in marks.items()}  # from the question, as without the check
         if self.cfg.retrieve_only:
             out["result"] = None
             return marks
@@ -259,7 +272,7 @@ class Answerer:
         if unit is None and is_no_answer(out["result"]):  # "I don't know": no sentence supports it
             out["evidence"], out["citations"] = None, []
             return marks
-        unit = unit or support(out["result"], out["query"], docs, self.embeddings.embed_documents)
+        unit = unit or support(out["result"], out["query"], docs, self.embed)
         out["evidence"] = evidence_record(unit, docs)
         out["citations"] = citations(out["result"], len(docs), out["evidence"])
         return marks
@@ -270,18 +283,35 @@ class Answerer:
             return []
         return self.bm25.unknown_names(question, set(self.retriever.sources))
 
-    def decline(self, question: str, names: list[str], out: dict, on_token, history) -> dict:
-        """The answer to a question about names the documents never mention, without the LLM; the passages
+    def decline(self, question: str, result: str, out: dict, on_token, history, docs: list | None = None,
+                retrieve_s: float = 0.0) -> dict:
+        """`result` ("I don't know: ...") as the answer, without the LLM: the question names something the
+        documents never mention, or no retrieved sentence supports an answer (--min-support). The passages
         the retriever finds are still shown."""
-        t0 = time.perf_counter()
-        docs = self.retriever.invoke(retrieval_query(question.strip(), list(history)))
+        t0 = time.perf_counter() - retrieve_s
+        if docs is None:
+            docs = self.retriever.invoke(retrieval_query(question.strip(), list(history)))
         marks = {"retrieve": time.perf_counter() - t0}
-        result = f"I don't know: the documents never mention {' or '.join(dict.fromkeys(names))}."
         out.update(query=question.strip(), source_documents=docs, result=result, evidence=None, citations=[])
         if on_token:
             on_token(result)
         marks["first_token"] = time.perf_counter() - t0
         return marks
+
+
+def last_call_kept(embed: Callable[[list[str]], list[list[float]]]) -> Callable[[list[str]], list[list[float]]]:
+    """`embed` that answers a repeat of its last call from memory: the support check and the context cut
+    score the same sentences of the same passages against the same question."""
+    last: dict[tuple[str, ...], list[list[float]]] = {}
+
+    def call(texts: list[str]) -> list[list[float]]:
+        key = tuple(texts)
+        if key not in last:
+            last.clear()
+            last[key] = embed(texts)
+        return last[key]
+
+    return call
 
 
 def print_timings(timings: dict[str, float]) -> None:

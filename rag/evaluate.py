@@ -39,6 +39,7 @@ class RagEvalConfig:
     dtype: str = field(default="auto", metadata={"help": "As rag.cli --dtype."})
     abbreviations: bool = field(default=rag_default("abbreviations"), metadata={"help": "As rag.cli --abbreviations."})
     unknown_names: str = field(default=rag_default("unknown_names"), metadata={"help": "As rag.cli --unknown-names."})
+    min_support: float = field(default=rag_default("min_support"), metadata={"help": "As rag.cli --min-support."})
     context: str = field(default=rag_default("context"), metadata={"help": "As rag.cli --context."})
     context_tokens: int = field(default=rag_default("context_tokens"), metadata={"help": "As rag.cli --context-tokens."})
     answer: str = field(default="llm", metadata={"help": "As rag.cli --answer."})
@@ -50,7 +51,8 @@ class RagEvalConfig:
                     "retriever": self.retriever, "bm25_weight": self.bm25_weight,
                     "year_weight": self.year_weight, "context": self.context,
                     "context_tokens": self.context_tokens, "answer": self.answer, "dtype": self.dtype,
-                    "abbreviations": self.abbreviations, "unknown_names": self.unknown_names}
+                    "abbreviations": self.abbreviations, "unknown_names": self.unknown_names,
+                    "min_support": self.min_support}
         return RagConfig(**(settings | overrides))
 
 

@@ -175,6 +175,8 @@ def build_remote_chain(retriever, chat, stop, url: str, select: Callable | None 
     from langchain_core.runnables import RunnableGenerator, RunnableLambda, RunnablePassthrough
     from openai import APIError
 
+    from rag.chain import retrieved
+
     def prompt(inputs: dict) -> dict:
         docs = inputs["source_documents"]
         if select is not None:
@@ -197,13 +199,14 @@ def build_remote_chain(retriever, chat, stop, url: str, select: Callable | None 
                 tokens.close()
 
     generate = RunnablePassthrough.assign(result=itemgetter("messages") | RunnableGenerator(answer, name="remote_llm"))
-    retrieve = RunnablePassthrough.assign(source_documents=itemgetter("query") | retriever)
+    retrieve = RunnablePassthrough.assign(source_documents=lambda inputs: retrieved(retriever, inputs))
     return (retrieve | RunnableLambda(prompt, name="chat_prompt") | generate).pick(["query", "result", "source_documents"])
 
 
-def remote_answer_chain(cfg, retriever, embeddings):
+def remote_answer_chain(cfg, retriever, embeddings, embed=None):
     """(the chain, its StopFlag) for rag.cli.Answerer with --llm-url. The server's tokenizer is not here,
-    so the embedder's counts the --context-tokens budget of the kept sentences (a budget, not a limit)."""
+    so the embedder's counts the --context-tokens budget of the kept sentences (a budget, not a limit).
+    `embed`: what scores the sentences (default: the embedder's embed_documents)."""
     from rag.chain import StopFlag, count_tokens
     from rag.context import evidence_passages
 
@@ -215,7 +218,7 @@ def remote_answer_chain(cfg, retriever, embeddings):
         tokenizer = embeddings.tokenizer
 
         def select(question: str, docs: list) -> list:
-            return evidence_passages(question, docs, embeddings.embed_documents,
+            return evidence_passages(question, docs, embed or embeddings.embed_documents,
                                      lambda text: count_tokens(tokenizer, text), cfg.context_tokens)
     stop = StopFlag()  # set, it ends the stream at the next token
     return build_remote_chain(retriever, chat, stop, cfg.llm_url, select), stop

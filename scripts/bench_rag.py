@@ -64,9 +64,12 @@ class BenchRagConfig:
         "help": "Only measure follow-up questions (tunerag/data/finance_followups.json, --split half): answer-in-top-4 "
                 "of the follow-up searched alone, with the conversation (rag.chain.retrieval_query), and as the "
                 "written-out standalone question."})
+    min_support: float = field(default=rag_default("min_support"), metadata={"help": "As rag.cli --min-support."})
     names: bool = field(default=False, metadata={
-        "help": "Only measure --unknown-names decline (no LLM): per --corpus, the share of its own questions (--split "
-                "half) and of the other corpora's that it declines."})
+        "help": "Only measure the answers \"I don't know\" given without the LLM (--unknown-names decline, then "
+                "--min-support; extractive answers, no LLM loads): per --corpus, the share of its own questions (--split "
+                "half) whose answer the passages hold that are still answered, and of the other corpora's that are "
+                "declined; with the name check alone and with both."})
 
 
 def bench_followups(cfg: BenchRagConfig) -> dict:
@@ -91,24 +94,44 @@ def bench_followups(cfg: BenchRagConfig) -> dict:
 
 
 def bench_names(cfg: BenchRagConfig) -> dict:
-    """Per corpus: the questions `--unknown-names decline` answers "I don't know" without the LLM, of its own
-    and of the other corpora (whose answers are in none of its documents)."""
+    """Per corpus: of its own questions whose answer the retrieved passages hold, the share answered; of the
+    other corpora's (whose answers are in none of its documents), the share answered "I don't know" without
+    the LLM; by the name check alone (--min-support 0) and with the support check too."""
     from rag.cli import Answerer
+    from rag.metrics import answer_matches
 
     result = {}
     with tempfile.TemporaryDirectory(prefix="bench_names-") as tmp:
         for corpus in cfg.corpus:
-            run = RagEvalConfig(file=corpus_files(corpus), k=cfg.k, bm25_weight=cfg.bm25_weight)
-            # extractive: the check runs as for any answer, and no LLM loads
-            answerer = Answerer(run.rag_config(embeddings=cfg.embeddings, persist_dir=Path(tmp), answer="extractive"),
-                                0.0)
-            declined = lambda items: sum(bool(answerer.unknown_names(it["question"])) for it in items)  # noqa: E731
             own = corpus_questions(corpus, cfg.split)
-            others = [it for other in cfg.corpus if other != corpus for it in corpus_questions(other, cfg.split)]
-            result[corpus] = {"own_questions": len(own), "own_declined": declined(own),
-                              "other_questions": len(others), "other_declined": declined(others)}
-            print(f"{corpus:<8} own declined {result[corpus]['own_declined']}/{len(own)}, other corpora's "
-                  f"{result[corpus]['other_declined']}/{len(others)}", file=sys.stderr)
+            others = {other: corpus_questions(other, cfg.split) for other in cfg.corpus if other != corpus}
+            result[corpus] = {}
+            for label, min_support in (("names", 0.0), ("names+support", cfg.min_support)):
+                run = RagEvalConfig(file=corpus_files(corpus), k=cfg.k, bm25_weight=cfg.bm25_weight, min_support=min_support)
+                # extractive: the checks run as for any answer, and no LLM loads
+                answerer = Answerer(run.rag_config(embeddings=cfg.embeddings, persist_dir=Path(tmp),
+                                                   answer="extractive"), 0.0)
+
+                def asked(items: list[dict]) -> list[tuple[bool, bool]]:
+                    """(declined, answer in the passages) per question."""
+                    rows = []
+                    for item in items:
+                        out: dict = {}
+                        answerer.ask(item["question"], out)
+                        rows.append((out["result"].startswith("I don't know:"),
+                                     any(answer_matches(d.page_content, item["answer"]) for d in out["source_documents"])))
+                    return rows
+
+                answerable = [declined for declined, shown in asked(own) if shown]
+                row = {"own_answerable": len(answerable), "own_answered": round(1 - sum(answerable) / len(answerable), 4)}
+                for other, items in others.items():
+                    declines = [declined for declined, shown in asked(items) if not shown]
+                    row[f"{other}_questions"] = len(declines)
+                    row[f"{other}_declined"] = round(sum(declines) / len(declines), 4)
+                result[corpus][label] = row
+                print(f"{corpus:<8} {label:<14} own answered {row['own_answered']:.3f} of {len(answerable)}; other "
+                      "corpora's declined: " + ", ".join(f"{o} {row[o + '_declined']:.3f} of {row[o + '_questions']}"
+                                                          for o in others), file=sys.stderr)
     return result
 
 
@@ -137,7 +160,8 @@ def main(cfg: BenchRagConfig) -> dict:
                              max_new_tokens=cfg.max_new_tokens, gen_questions=cfg.gen_questions or len(items),
                              bm25_weight=cfg.bm25_weight, year_weight=cfg.year_weight,
                              context_tokens=cfg.context_tokens, seed=cfg.seed,
-                             abbreviations=cfg.abbreviations, unknown_names=cfg.unknown_names)
+                             abbreviations=cfg.abbreviations, unknown_names=cfg.unknown_names,
+                             min_support=cfg.min_support)
         retrieval, generation = [], []
         with tempfile.TemporaryDirectory(prefix="bench_rag-") as tmp:
             store = Path(tmp) / "db"  # fresh, so the first row measures the index build

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -218,6 +219,40 @@ def test_a_question_naming_what_no_document_mentions_is_declined_without_the_llm
     answer_anyway.ask("What was Halvorsen Ridge's CET1 ratio at the end of 2025?", out)
     assert "11.4%" in out["result"] and out["evidence"]
 
+
+def test_a_question_no_retrieved_sentence_supports_is_declined_without_the_llm(tmp_path, sample_doc, tiny_mistral):
+    """--min-support (default 1.0): when the best sentence of the retrieved passages scores below it, the
+    answer is "I don't know" at once (a random tiny LLM never writes it), the passages are still shown; an
+    answerable question goes to the LLM with the passages the check retrieved; 0 turns the check off."""
+    from rag.chain import NO_ANSWER
+    from rag.cli import Answerer
+    from rag.config import RagConfig
+
+    foreign = "What haircut applies to plant and machinery collateral?"  # a credit policy's question
+    cfg = RagConfig(file=[sample_doc], persist_dir=tmp_path / "db", llm=str(tiny_mistral), max_new_tokens=4)
+    answerer = Answerer(cfg, 0.0)
+    tokens, out = [], {}
+    marks = answerer.ask(foreign, out, on_token=tokens.append)
+    assert out["result"] == NO_ANSWER == "".join(tokens) and out["evidence"] is None and out["citations"] == []
+    assert out["source_documents"] and marks["first_token"] >= marks["retrieve"] > 0
+    out = {}
+    marks = answerer.ask("What was the CET1 ratio at December 31, 2025?", out)
+    assert out["result"] != NO_ANSWER and marks["first_token"] >= marks["retrieve"] > 0
+    assert "11.4%" in " ".join(d.page_content for d in out["source_documents"])
+    out = {}
+    Answerer(replace(cfg, min_support=0.0), 0.0).ask(foreign, out)
+    assert out["result"] != NO_ANSWER
+    with pytest.raises(ValueError, match="--min-support"):
+        replace(cfg, min_support=-1.0)
+
+
+def test_the_support_check_and_the_context_cut_embed_the_sentences_once():
+    from rag.cli import last_call_kept
+
+    calls = []
+    embed = last_call_kept(lambda texts: calls.append(list(texts)) or [[float(len(t))] for t in texts])
+    assert embed(["a", "bb"]) == embed(["a", "bb"]) == [[1.0], [2.0]] and len(calls) == 1
+    assert embed(["ccc"]) == [[3.0]] and embed(["a", "bb"]) == [[1.0], [2.0]] and len(calls) == 3
 
 @pytest.mark.slow
 def test_sigkill_during_indexing_is_repaired_by_the_next_run(tmp_path):
