@@ -263,7 +263,7 @@ class Answerer:
             if best is None or best.score < self.cfg.min_support:
                 return self.decline(question, NO_ANSWER, out, on_token, history, docs, checked_s)
         marks = ask(self.chain, question.strip(), out, on_token, self.stop, history, docs)
-        marks = {name: seconds + checked_s for name, seconds in marks.items()}  # from the question, as without the check
+        marks = {name: seconds + checked_s for name, seconds in marks.items()}  # timed from the question, as ever
         if self.cfg.retrieve_only:
             out["result"] = None
             return marks

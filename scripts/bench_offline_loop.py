@@ -124,10 +124,10 @@ def main(cfg: OfflineLoopConfig) -> dict:
         "checks": metrics["checks"],
     }
     print(json.dumps(result))
-    print(f"| corpus | index chunks | prepare s | finetune s | total min | prepare's estimate s (the rest after 1-2 batches) | kept |\n|---|---|---|---|---|---|---|\n"
+    print("| corpus | index chunks | prepare s | finetune s | total min | prepare's estimate s (the rest, after 1-2 "
+          "batches) | kept |\n|---|---|---|---|---|---|---|\n"
           f"| long x{cfg.copies} ({words} words) | {chunks} | {prepare_s:.0f} | {finetune_s:.0f} | "
-          f"{result['total_minutes']:.1f} | {result['estimate_s']} | "
-          f"{metrics['kept']} |", file=sys.stderr)
+          f"{result['total_minutes']:.1f} | {result['estimate_s']} | {metrics['kept']} |", file=sys.stderr)
     return result
 
 

@@ -67,9 +67,9 @@ class BenchRagConfig:
     min_support: float = field(default=rag_default("min_support"), metadata={"help": "As rag.cli --min-support."})
     names: bool = field(default=False, metadata={
         "help": "Only measure the answers \"I don't know\" given without the LLM (--unknown-names decline, then "
-                "--min-support; extractive answers, no LLM loads): per --corpus, the share of its own questions (--split "
-                "half) whose answer the passages hold that are still answered, and of the other corpora's that are "
-                "declined; with the name check alone and with both."})
+                "--min-support; extractive answers, no LLM loads): per --corpus, the share of its own questions "
+                "(--split half) whose answer the passages hold that are still answered, and of the other corpora's "
+                "that are declined; with the name check alone and with both."})
 
 
 def bench_followups(cfg: BenchRagConfig) -> dict:
@@ -107,7 +107,8 @@ def bench_names(cfg: BenchRagConfig) -> dict:
             others = {other: corpus_questions(other, cfg.split) for other in cfg.corpus if other != corpus}
             result[corpus] = {}
             for label, min_support in (("names", 0.0), ("names+support", cfg.min_support)):
-                run = RagEvalConfig(file=corpus_files(corpus), k=cfg.k, bm25_weight=cfg.bm25_weight, min_support=min_support)
+                run = RagEvalConfig(file=corpus_files(corpus), k=cfg.k, bm25_weight=cfg.bm25_weight,
+                                    min_support=min_support)
                 # extractive: the checks run as for any answer, and no LLM loads
                 answerer = Answerer(run.rag_config(embeddings=cfg.embeddings, persist_dir=Path(tmp),
                                                    answer="extractive"), 0.0)
@@ -118,12 +119,13 @@ def bench_names(cfg: BenchRagConfig) -> dict:
                     for item in items:
                         out: dict = {}
                         answerer.ask(item["question"], out)
-                        rows.append((out["result"].startswith("I don't know:"),
-                                     any(answer_matches(d.page_content, item["answer"]) for d in out["source_documents"])))
+                        shown = any(answer_matches(d.page_content, item["answer"]) for d in out["source_documents"])
+                        rows.append((out["result"].startswith("I don't know:"), shown))
                     return rows
 
                 answerable = [declined for declined, shown in asked(own) if shown]
-                row = {"own_answerable": len(answerable), "own_answered": round(1 - sum(answerable) / len(answerable), 4)}
+                row = {"own_answerable": len(answerable),
+                       "own_answered": round(1 - sum(answerable) / len(answerable), 4)}
                 for other, items in others.items():
                     declines = [declined for declined, shown in asked(items) if not shown]
                     row[f"{other}_questions"] = len(declines)

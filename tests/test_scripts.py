@@ -8,8 +8,8 @@ import pytest
 from conftest import REPO
 
 
-@pytest.mark.parametrize("script", ["bench_embeddings.py", "bench_embeddings_qa_pairs.py", "sweep_embeddings.py", "bench_llm_finetune.py", "bench_rag.py",
-                                    "bench_offline_loop.py"])
+@pytest.mark.parametrize("script", ["bench_embeddings.py", "bench_embeddings_qa_pairs.py", "sweep_embeddings.py",
+                                    "bench_llm_finetune.py", "bench_rag.py", "bench_offline_loop.py"])
 def test_script_help(script):
     run = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True,
                          timeout=120, cwd=REPO)
@@ -30,7 +30,8 @@ def test_offline_loop_corpus_copies_rename_and_move_years_and_figures():
     sys.path.insert(0, str(REPO))
     from scripts.bench_offline_loop import variant
 
-    text = "HALVORSEN RIDGE BANCORP\nIn 2024 Halvorsen Ridge's CET1 ratio was 11.8% (Meridian: A-); see halvorsen_ridge_2024.txt."
+    text = ("HALVORSEN RIDGE BANCORP\nIn 2024 Halvorsen Ridge's CET1 ratio was 11.8% (Meridian: A-); "
+            "see halvorsen_ridge_2024.txt.")
     assert variant(text, 0) == text
     assert variant(text, 1) == ("CASTELLAN BAY BANCORP\nIn 2028 Castellan Bay's CET1 ratio was 12.4% (Polaris: A-); "
                                 "see castellan_bay_2028.txt.")
