@@ -59,6 +59,9 @@ class PrepareConfig:
         "help": "--generator llm: keep a training question only if --embedder ranks its own chunk in the top K "
                 "training chunks (drops questions the chunk does not answer); 0: keep all. Validation questions "
                 "are never filtered, so the base model is not favoured there."})
+    drop_easy: bool = field(default=False, metadata={
+        "help": "--generator llm with the round-trip filter: also drop a training question whose own chunk --embedder "
+                "already ranks first (an easy pair, which teaches the fine-tune little)."})
     embedder: str = field(default=MINILM, metadata={
         "help": "Embedder whose tokenizer and max_seq_length size the chunks (the model you will fine-tune)."})
     chunk_tokens: int = field(default=128, metadata={

@@ -302,10 +302,11 @@ def sentence_questions(chunks: list[Chunk], cfg: PrepareConfig) -> tuple[list[tu
 
 
 def roundtrip_filter(queries: dict[str, tuple[list[str], str]], chunks: list[Chunk], embedder: str,
-                     top_k: int) -> tuple[dict[str, tuple[list[str], str]], int]:
+                     top_k: int, drop_first: bool = False) -> tuple[dict[str, tuple[list[str], str]], int]:
     """(queries, dropped): keep a question only if `embedder` ranks its own chunk in the top `top_k`
     of `chunks` (round-trip consistency, as in Promptagator): drops questions that the chunk does
-    not answer or that fit any chunk. Needs more than `top_k` chunks; else nothing is dropped."""
+    not answer or that fit any chunk; `drop_first`: and those whose chunk it ranks first (easy pairs).
+    Needs more than `top_k` chunks; else nothing is dropped."""
     from sentence_transformers.util import semantic_search
 
     from tunerag.models import load_embedder
@@ -321,7 +322,7 @@ def roundtrip_filter(queries: dict[str, tuple[list[str], str]], chunks: list[Chu
     ids = [c.id for c in chunks]
     kept = {c.id: [] for c in chunks}
     for (cid, question), top in zip(flat, hits):
-        if cid in {ids[h["corpus_id"]] for h in top}:
+        if cid in {ids[h["corpus_id"]] for h in top} and not (drop_first and ids[top[0]["corpus_id"]] == cid):
             kept[cid].append(question)
     out = queries | {cid: (qs, queries[cid][1]) for cid, qs in kept.items()}
     return out, len(flat) - sum(map(len, kept.values()))
@@ -478,11 +479,11 @@ def make_pairs(cfg: PrepareConfig) -> tuple[dict, Pairs, Pairs, Pairs | None]:
                         dropped, ", ".join(f"{k} {v}" for k, v in parsed.items() if k != "kept"))
             if cfg.roundtrip_top_k:
                 queries, stats["llm"]["roundtrip_dropped"] = roundtrip_filter(
-                    queries, train_chunks, cfg.embedder, cfg.roundtrip_top_k)
+                    queries, train_chunks, cfg.embedder, cfg.roundtrip_top_k, cfg.drop_easy)
                 logger.info("round-trip filter: dropped %d of %d training questions whose chunk %s does not rank in "
-                            "the top %d", stats["llm"]["roundtrip_dropped"],
+                            "the top %d%s", stats["llm"]["roundtrip_dropped"],
                             sum(len(queries[c.id][0]) for c in train_chunks) + stats["llm"]["roundtrip_dropped"],
-                            cfg.embedder, cfg.roundtrip_top_k)
+                            cfg.embedder, cfg.roundtrip_top_k, " or ranks first (--drop-easy)" if cfg.drop_easy else "")
         train, empty_train = build_pairs(train_chunks, queries)
         val, empty_val = build_pairs(val_chunks, queries)
         heldout, empty_heldout = build_pairs(heldout_chunks, queries)

@@ -67,6 +67,9 @@ class SweepConfig:
                                            metadata={"help": "Queries per chunk (repeatable: one pairs set each)."})
     roundtrip_top_k: list[int] = field(default_factory=lambda: [PrepareConfig.roundtrip_top_k],
                                        metadata={"help": "--generator llm: round-trip filter K (repeatable: one pairs set each)."})
+    drop_easy: list[str] = field(default_factory=lambda: ["off"], metadata={
+        "help": "--generator llm: embeddings.prepare --drop-easy off or on (repeatable: one pairs set each).",
+        "choices": ["off", "on"]})
     llm_dtype: list[str] = field(default_factory=lambda: ["auto"], metadata={
         "help": "--corpus: embeddings.prepare --llm-dtype of the question writer (repeatable: one pairs set each; "
                 "a value other than auto is named in the setting's data).", "choices": ["auto", "float32", "bfloat16"]})
@@ -178,15 +181,17 @@ def sweep_corpora(cfg: SweepConfig, json_out=None) -> dict:
         for generator in cfg.generator:
             roundtrip = cfg.roundtrip_top_k if generator == "llm" else [0]
             dtypes = cfg.llm_dtype if generator == "llm" or cfg.check_generator == "llm" else ["auto"]
-            for qpc, top_k, llm_dtype in itertools.product(cfg.questions_per_chunk, roundtrip, dtypes):
-                data = f"q{qpc}" + (f"-rt{top_k}" if generator == "llm" else "")
+            easy = cfg.drop_easy if generator == "llm" else ["off"]
+            for qpc, top_k, llm_dtype, drop_easy in itertools.product(cfg.questions_per_chunk, roundtrip, dtypes, easy):
+                data = f"q{qpc}" + (f"-rt{top_k}" if generator == "llm" else "") + ("-noeasy" if drop_easy == "on" else "")
                 data += "-checkllm" if generator == "ict" and cfg.check_generator == "llm" else ""
                 data += f"-{llm_dtype}" if llm_dtype != "auto" else ""
                 pairs = work / corpus / f"pairs-{generator}-{data}"
                 t = time.perf_counter()
                 prepare.main(PrepareConfig(docs=docs, out=pairs, generator=generator, questions_per_chunk=qpc,
                                            roundtrip_top_k=top_k, check_generator=cfg.check_generator,
-                                           llm_dtype=llm_dtype, cache=work / f"question_cache-{corpus}.jsonl"))
+                                           llm_dtype=llm_dtype, drop_easy=drop_easy == "on",
+                                           cache=work / f"question_cache-{corpus}.jsonl"))
                 prepare_seconds = round(time.perf_counter() - t, 1)
                 sets = {"val": load_pairs(pairs / "val.json"), "heldout": load_pairs(pairs / "heldout.json"),
                         "handwritten": handwritten}

@@ -205,6 +205,16 @@ def test_roundtrip_filter_drops_questions_their_chunk_does_not_answer(minilm_pat
     assert dropped == 1 and kept["doc#0"] == (["Who bought the equipment leasing subsidiary?"], texts[0])
     assert {cid: v for cid, v in kept.items() if cid != "doc#0"} == {cid: v for cid, v in queries.items() if cid != "doc#0"}
     assert prepare.roundtrip_filter(queries, chunks, str(minilm_path), top_k=4) == (queries, 0)  # too few chunks to rank
+    # --drop-easy: a question whose own chunk ranks first is dropped too. The dividend question put on the
+    # charge-off chunk ranks that chunk second (after the dividend one): kept; the others rank theirs first
+    queries = {"doc#0": (["Who bought the equipment leasing subsidiary?"], texts[0]),
+               "doc#1": (["How did net charge-offs compare with the industry?",
+                          "What was the quarterly dividend per share?"], texts[1]),
+               "doc#2": ([], texts[2]), "doc#3": (["What was the CET1 ratio at year end?"], texts[3])}
+    kept, dropped = prepare.roundtrip_filter(queries, chunks, str(minilm_path), top_k=3, drop_first=True)
+    assert dropped == 3 and kept["doc#1"] == (["What was the quarterly dividend per share?"], texts[1])
+    assert kept["doc#0"][0] == kept["doc#3"][0] == []
+    assert prepare.roundtrip_filter(queries, chunks, str(minilm_path), top_k=3)[1] == 0  # without it, all in the top 3
 
 
 def test_bad_documents_are_one_line(tmp_path, caplog):
