@@ -52,7 +52,7 @@ class RagConfig:
                 "passages' best sentence scores below this against the question (cosine + 2 x the share of the "
                 "question's words it holds + 0.3 if it holds a figure: rag.context.score_units); 0: off. 1.0: the "
                 "highest that declined none of the answerable questions of the three tuning halves (other corpora's "
-                "questions declined: 0.665 with the name check alone, 0.743 with this; README)."})
+                "questions declined: 0.643 with the name check alone, 0.743 with this; README)."})
     context: Literal["sentences", "chunks"] = field(default="sentences", metadata={
         "help": "sentences: the LLM reads only the retrieved chunks' sentences that best match the question, up to "
                 "--context-tokens (best for small LLMs); chunks: the whole chunks."})

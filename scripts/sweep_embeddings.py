@@ -183,7 +183,8 @@ def sweep_corpora(cfg: SweepConfig, json_out=None) -> dict:
             dtypes = cfg.llm_dtype if generator == "llm" or cfg.check_generator == "llm" else ["auto"]
             easy = cfg.drop_easy if generator == "llm" else ["off"]
             for qpc, top_k, llm_dtype, drop_easy in itertools.product(cfg.questions_per_chunk, roundtrip, dtypes, easy):
-                data = f"q{qpc}" + (f"-rt{top_k}" if generator == "llm" else "") + ("-noeasy" if drop_easy == "on" else "")
+                data = f"q{qpc}" + (f"-rt{top_k}" if generator == "llm" else "")
+                data += "-noeasy" if drop_easy == "on" else ""
                 data += "-checkllm" if generator == "ict" and cfg.check_generator == "llm" else ""
                 data += f"-{llm_dtype}" if llm_dtype != "auto" else ""
                 pairs = work / corpus / f"pairs-{generator}-{data}"
