@@ -12,7 +12,7 @@ years and figures, as a multi-year filing does. Four copies give about 1,470 ind
 tokens (rag.cli's chunking), the issue's 10-K is 1,392. The figures are times; the gain printed is the
 never-worse check's (heldout.json), not a quality claim on text nobody here wrote.
 
-One JSON object on stdout, a short table on stderr; prepare's own estimate line (printed after its first
+One JSON object on stdout, a short table on stderr; prepare's own estimate line (printed after its second
 batch, before the long loop) is kept beside the measured time.
 """
 
@@ -40,7 +40,7 @@ NAMES = {
     "Halvorsen Ridge": ["Halvorsen Ridge", "Castellan Bay", "Wrenfield Cross", "Ostmark Vale", "Tidewater Crest"],
     "Meridian": ["Meridian", "Polaris", "Keystone", "Lodestar", "Sextant"],
 }
-ESTIMATE = re.compile(r"first batch: .*?; estimate (\d+) s for the other (\d+) batches")
+ESTIMATE = re.compile(r"first batch: .*?; estimate (\d+) s for the other \d+ batches")
 
 
 @dataclass
@@ -77,12 +77,14 @@ def write_corpus(folder: Path, copies: int) -> list[Path]:
 
 
 def index_chunks(paths: list[Path]) -> int:
-    """How many chunks rag.cli would index (254 MiniLM tokens, overlap 50)."""
+    """How many chunks rag.cli would index with its defaults (254 MiniLM tokens, the default overlap)."""
     from rag import index
+    from rag.config import rag_default
     from rag.embedder import load_embeddings
 
     embeddings, _ = load_embeddings("minilm")
-    splitter = index.make_splitter(embeddings.tokenizer, index.embedder_max_tokens(embeddings), 50)
+    splitter = index.make_splitter(embeddings.tokenizer, index.embedder_max_tokens(embeddings),
+                                   rag_default("chunk_overlap"))
     return sum(len(index.split_document(d, splitter)[0]) for d in index.load_documents(paths))
 
 
