@@ -25,7 +25,9 @@ from tunerag.common import TuneragError, first_line
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "transformers", "sentence-transformers")
-BATCH = 32  # sentence-transformers' encode default: texts sorted by length, padded per batch
+# Texts sorted by length, padded per batch. 16, not sentence-transformers' 32: MiniLM over the long corpus's
+# 254-token chunks here ran 106 against 92 chunks/s in bfloat16 and 38 against 33 in float32 (2 cores).
+BATCH = 16
 
 
 class FolderEmbeddings(Embeddings):

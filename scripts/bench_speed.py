@@ -73,6 +73,18 @@ def threads_label() -> int:
 
 # ---- embed ----
 
+def today_embeddings():
+    """Today's path, pinned: sentence-transformers' own encode in float32 at its default batch of 32
+    (rag.embedder's BATCH may move)."""
+    from rag.embedder import FolderEmbeddings
+    from tunerag.models import load_embedder
+
+    model = load_embedder("minilm", dtype="float32")
+    return FolderEmbeddings(
+        lambda texts: model.encode(texts, normalize_embeddings=True, batch_size=32, show_progress_bar=False).tolist(),
+        model.tokenizer, model.max_seq_length, model.dtype, "sentence-transformers")
+
+
 def bench_embed(cfg: BenchSpeedConfig) -> dict:
     import torch
 
@@ -81,7 +93,7 @@ def bench_embed(cfg: BenchSpeedConfig) -> dict:
     from rag.metrics import recall_at_k
     from tunerag.samples import corpus_files, corpus_questions
 
-    old, _ = load_embeddings("minilm", dtype="float32", backend="sentence-transformers")  # today's
+    old = today_embeddings()
     new, _ = load_embeddings("minilm", dtype=cfg.new_dtype)
     docs = index.load_documents(corpus_files("long"))
     splitter = index.make_splitter(old.tokenizer, index.embedder_max_tokens(old), 50)
