@@ -62,6 +62,12 @@ class PrepareConfig:
     drop_easy: bool = field(default=False, metadata={
         "help": "--generator llm with the round-trip filter: also drop a training question whose own chunk --embedder "
                 "already ranks first (an easy pair, which teaches the fine-tune little)."})
+    query_styles: list[str] = field(default_factory=list, metadata={
+        "help": "--generator llm: extra training queries made from each kept question, in the styles users type "
+                "(repeatable): keyword (its words less question and function words: 'CET1 ratio end year'), dated "
+                "(the year of a document whose file name has one, said in the question: 'What was the CET1 ratio at "
+                "the end of 2024?'). val.json and heldout.json keep the LLM's questions.",
+        "choices": ["keyword", "dated"]})
     embedder: str = field(default=MINILM, metadata={
         "help": "Embedder whose tokenizer and max_seq_length size the chunks (the model you will fine-tune)."})
     chunk_tokens: int = field(default=128, metadata={
@@ -112,6 +118,8 @@ class PrepareConfig:
             raise ValueError(f"--val-fraction ({self.val_fraction}) must be between 0 and 1")
         if not 0 <= self.heldout_fraction < 0.5:
             raise ValueError(f"--heldout-fraction ({self.heldout_fraction}) must be in [0, 0.5)")
+        if self.query_styles and (self.generator != "llm" or not self.docs):
+            raise ValueError("--query-styles makes variants of the questions --generator llm writes from DOCS")
         if self.roundtrip_top_k < 0:
             raise ValueError(f"--roundtrip-top-k ({self.roundtrip_top_k}) must be >= 0")
         if self.batch_size < 1 or self.max_new_tokens < 8 or self.max_chunks < 0 or self.temperature < 0:

@@ -248,6 +248,52 @@ def parse_questions(output: str, n: int, min_words: int = 3) -> tuple[list[str],
     return questions, counts
 
 
+# --------------------------------------------------------------------------- query styles
+
+# Question and function words a search-box query leaves out.
+_FUNCTION_WORDS = frozenset("""
+a an the of in on at for to from by with and or is are was were be been being what which who whom whose when
+where why how does did do has have had its it this that these those as than there their they our we any each
+""".split())
+_WORD = re.compile(r"[A-Za-z0-9$][\w$%&/'.-]*")
+_YEAR = re.compile(r"(?<!\d)(?:19|20)\d{2}(?!\d)")
+_THE_YEAR = re.compile(r"\b(?:the|this|that) (?:fiscal |financial |reporting )?year\b", re.I)
+
+
+def keyword_query(question: str) -> str | None:
+    """`question` as the words a user types into a search box: less question and function words
+    ("What was the CET1 ratio at the end of the year?" -> "CET1 ratio end year"); None under 2 words."""
+    words = [w.rstrip(".,'") for w in _WORD.findall(question)]
+    kept = [w for w in words if w and w.lower() not in _FUNCTION_WORDS]
+    return " ".join(kept) if len(kept) >= 2 else None
+
+
+def document_year(name: str) -> str | None:
+    """The year a document is about, when its file name holds exactly one ("hr_2024_annual_report.txt")."""
+    years = set(_YEAR.findall(Path(name).name))
+    return years.pop() if len(years) == 1 else None
+
+
+def dated_query(question: str, year: str) -> str | None:
+    """`question` with `year` said ("... at the end of the year?" -> "... at the end of 2024?", else
+    "... in 2024?"); None when it names a year already."""
+    if _YEAR.search(question):
+        return None
+    said, n = _THE_YEAR.subn(year, question, count=1)
+    return said if n else question.rstrip(" ?") + f" in {year}?"
+
+
+def styled_queries(questions: list[str], styles: list[str], year: str | None) -> list[str]:
+    """`questions` followed by their `styles` variants ("keyword", "dated"), without repeats."""
+    out = list(questions)
+    for question in questions:
+        for style in styles:
+            variant = keyword_query(question) if style == "keyword" else (dated_query(question, year) if year else None)
+            if variant and normalise_question(variant) not in map(normalise_question, out):
+                out.append(variant)
+    return out
+
+
 # --------------------------------------------------------------------------- the pairs layout
 
 @dataclass

@@ -38,6 +38,7 @@ from embeddings.data import (
     Pairs,
     chunk_sentences,
     clean_text,
+    document_year,
     ict_pairs,
     normalise_question,
     parse_questions,
@@ -52,6 +53,7 @@ from embeddings.data import (
     split_documents,
     split_sentences,
     stable_rng,
+    styled_queries,
 )
 from tunerag.common import (
     TuneragError,
@@ -328,6 +330,19 @@ def roundtrip_filter(queries: dict[str, tuple[list[str], str]], chunks: list[Chu
     return out, len(flat) - sum(map(len, kept.values()))
 
 
+def add_query_styles(queries: dict[str, tuple[list[str], str]], chunks: list[Chunk],
+                     styles: list[str]) -> tuple[dict[str, tuple[list[str], str]], int]:
+    """(queries, variants added): each of `chunks`' questions followed by its `styles` variants
+    (embeddings.data.styled_queries; "dated" takes the year from the chunk's file name)."""
+    out, added = dict(queries), 0
+    for c in chunks:
+        questions, passage = queries[c.id]
+        styled = styled_queries(questions, styles, document_year(c.doc))
+        added += len(styled) - len(questions)
+        out[c.id] = (styled, passage)
+    return out, added
+
+
 # --------------------------------------------------------------------------- main
 
 def build_pairs(chunks: list[Chunk], queries: dict[str, tuple[list[str], str]]) -> tuple[Pairs, int]:
@@ -484,6 +499,10 @@ def make_pairs(cfg: PrepareConfig) -> tuple[dict, Pairs, Pairs, Pairs | None]:
                             "the top %d%s", stats["llm"]["roundtrip_dropped"],
                             sum(len(queries[c.id][0]) for c in train_chunks) + stats["llm"]["roundtrip_dropped"],
                             cfg.embedder, cfg.roundtrip_top_k, " or ranks first (--drop-easy)" if cfg.drop_easy else "")
+            if cfg.query_styles:  # after the filter: a variant stands or falls with its question
+                queries, stats["llm"]["styled_added"] = add_query_styles(queries, train_chunks, cfg.query_styles)
+                logger.info("query styles %s: %d training queries added", "+".join(cfg.query_styles),
+                            stats["llm"]["styled_added"])
         train, empty_train = build_pairs(train_chunks, queries)
         val, empty_val = build_pairs(val_chunks, queries)
         heldout, empty_heldout = build_pairs(heldout_chunks, queries)

@@ -70,6 +70,9 @@ class SweepConfig:
     drop_easy: list[str] = field(default_factory=lambda: ["off"], metadata={
         "help": "--generator llm: embeddings.prepare --drop-easy off or on (repeatable: one pairs set each).",
         "choices": ["off", "on"]})
+    query_styles: list[str] = field(default_factory=lambda: ["none"], metadata={
+        "help": "--generator llm: embeddings.prepare --query-styles, as none, keyword, dated or keyword+dated "
+                "(repeatable: one pairs set each).", "choices": ["none", "keyword", "dated", "keyword+dated"]})
     llm_dtype: list[str] = field(default_factory=lambda: ["auto"], metadata={
         "help": "--corpus: embeddings.prepare --llm-dtype of the question writer (repeatable: one pairs set each; "
                 "a value other than auto is named in the setting's data).", "choices": ["auto", "float32", "bfloat16"]})
@@ -182,9 +185,12 @@ def sweep_corpora(cfg: SweepConfig, json_out=None) -> dict:
             roundtrip = cfg.roundtrip_top_k if generator == "llm" else [0]
             dtypes = cfg.llm_dtype if generator == "llm" or cfg.check_generator == "llm" else ["auto"]
             easy = cfg.drop_easy if generator == "llm" else ["off"]
-            for qpc, top_k, llm_dtype, drop_easy in itertools.product(cfg.questions_per_chunk, roundtrip, dtypes, easy):
+            styles = cfg.query_styles if generator == "llm" else ["none"]
+            for qpc, top_k, llm_dtype, drop_easy, style in itertools.product(
+                    cfg.questions_per_chunk, roundtrip, dtypes, easy, styles):
                 data = f"q{qpc}" + (f"-rt{top_k}" if generator == "llm" else "")
                 data += "-noeasy" if drop_easy == "on" else ""
+                data += f"-{style}" if style != "none" else ""
                 data += "-checkllm" if generator == "ict" and cfg.check_generator == "llm" else ""
                 data += f"-{llm_dtype}" if llm_dtype != "auto" else ""
                 pairs = work / corpus / f"pairs-{generator}-{data}"
@@ -192,6 +198,7 @@ def sweep_corpora(cfg: SweepConfig, json_out=None) -> dict:
                 prepare.main(PrepareConfig(docs=docs, out=pairs, generator=generator, questions_per_chunk=qpc,
                                            roundtrip_top_k=top_k, check_generator=cfg.check_generator,
                                            llm_dtype=llm_dtype, drop_easy=drop_easy == "on",
+                                           query_styles=[] if style == "none" else style.split("+"),
                                            cache=work / f"question_cache-{corpus}.jsonl"))
                 prepare_seconds = round(time.perf_counter() - t, 1)
                 sets = {"val": load_pairs(pairs / "val.json"), "heldout": load_pairs(pairs / "heldout.json"),

@@ -10,7 +10,10 @@ from embeddings.data import (
     PairsError,
     chunk_sentences,
     clean_text,
+    dated_query,
+    document_year,
     ict_pairs,
+    keyword_query,
     load_pairs,
     pairs_from_json,
     parse_questions,
@@ -22,6 +25,7 @@ from embeddings.data import (
     split_by_position,
     split_documents,
     split_sentences,
+    styled_queries,
 )
 from tunerag.common import write_json_atomic
 
@@ -138,6 +142,24 @@ The answer is 8.64 billion."""
 def test_parse_questions_of_pure_junk_keeps_nothing():
     assert parse_questions("Question: What is the answer to the question: What is", 2)[0] == []
     assert parse_questions("", 2) == ([], {"kept": 0, "not_question": 0, "too_short": 0, "duplicate": 0, "extra": 0})
+
+
+def test_query_styles_say_the_question_as_keywords_and_with_its_documents_year():
+    assert keyword_query("What was the CET1 ratio at the end of the year?") == "CET1 ratio end year"
+    assert keyword_query("How much did the bank pay for Bayline Capital, in $ millions?") == "much bank pay Bayline Capital $ millions"
+    assert keyword_query("What is it?") is None  # nothing left to search for
+    assert dated_query("What was the CET1 ratio at the end of the year?", "2024") == "What was the CET1 ratio at the end of 2024?"
+    assert dated_query("What drove the fiscal year's expenses?", "2024") == "What drove 2024's expenses?"
+    assert dated_query("What was net income in 2023?", "2024") is None  # a year is said already
+    assert [document_year(n) for n in ("halvorsen_ridge_2024_annual_report.txt:train", "deck_2023_vs_2024.pdf",
+                                       "credit_policy.txt", "reports/2024/q3.txt", "scan_120245.txt")] == [
+        "2024", None, None, None, None]
+    question = "What was the CET1 ratio at the end of the year?"
+    assert styled_queries([question], ["keyword", "dated"], "2024") == [
+        question, "CET1 ratio end year", "What was the CET1 ratio at the end of 2024?"]
+    assert styled_queries([question], ["dated"], None) == [question]  # no year known: no dated variant
+    assert styled_queries(["What was net income in 2024?"], ["dated", "keyword"], "2024") == [
+        "What was net income in 2024?", "net income 2024"]
 
 
 GOOD = {"queries": {"q1": "What was revenue?"}, "corpus": {"c1": "Revenue was $8.64 billion.", "c2": "Other."},

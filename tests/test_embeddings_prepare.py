@@ -9,7 +9,7 @@ import pytest
 
 from embeddings import prepare
 from embeddings.config import PrepareConfig
-from embeddings.data import Chunk, clean_text, load_pairs, split_sentences
+from embeddings.data import Chunk, clean_text, document_year, load_pairs, split_sentences, styled_queries
 from embeddings.prepare import generation_batches, main
 from tunerag.common import TuneragError, parse_config
 
@@ -170,9 +170,25 @@ def test_smollm2_writes_questions_and_resumes_from_cache(smollm2_path, two_docs,
     again = main(cfg)
     assert again["llm"]["generated"] == 0 and again["llm"]["from_cache"] == 4
     assert (tmp_path / "a" / "train.json").read_text() == (tmp_path / "b" / "train.json").read_text()
-    # --llm-dtype auto wrote in bfloat16 where the CPU has it: float32 keeps cache entries of its own
     from dataclasses import replace
 
+    # --query-styles: the same questions (from the cache) and their variants, on the training side only;
+    # "dated" says the year of the file name
+    dated = tmp_path / "dated"
+    dated.mkdir()
+    (dated / "fy_2024.txt").write_text((two_docs / "q1.txt").read_text())
+    (dated / "fy_2023.md").write_text((two_docs / "q2.md").read_text())
+    plain = main(replace(cfg, docs=[dated], out=tmp_path / "plain"))
+    styled = main(replace(cfg, docs=[dated], out=tmp_path / "styled", query_styles=["keyword", "dated"]))
+    assert plain["llm"]["generated"] == styled["llm"]["generated"] == 0
+    asked, train = (load_pairs(tmp_path / name / "train.json") for name in ("plain", "styled"))
+    year = document_year(next(iter(train.corpus)).split("#")[0])
+    assert year in ("2023", "2024") and list(train.queries.values()) == styled_queries(
+        list(asked.queries.values()), ["keyword", "dated"], year)
+    assert styled["llm"]["styled_added"] == len(train.queries) - len(asked.queries) > 0
+    assert any(year in q for q in train.queries.values())
+    assert (tmp_path / "plain" / "val.json").read_text() == (tmp_path / "styled" / "val.json").read_text()
+    # --llm-dtype auto wrote in bfloat16 where the CPU has it: float32 keeps cache entries of its own
     from tunerag.models import pick_dtype
 
     in_float32 = main(replace(cfg, out=tmp_path / "c", llm_dtype="float32"))
@@ -242,5 +258,7 @@ def test_cli_error_is_one_line_and_help_works(tmp_path):
         parse_config(PrepareConfig, ["--chunk-overlap", "100", "x.txt"])
     with pytest.raises(SystemExit):
         parse_config(PrepareConfig, [])  # neither DOCS nor --qa-file
+    with pytest.raises(SystemExit):
+        parse_config(PrepareConfig, ["a.txt", "--generator", "ict", "--query-styles", "keyword"])  # styles of LLM questions
     cfg = parse_config(PrepareConfig, ["a.txt", "b/", "--drop-pattern", "^Page", "--drop-pattern", "Confidential"])
     assert [str(p) for p in cfg.docs] == ["a.txt", "b"] and cfg.drop_pattern == ["^Page", "Confidential"]
