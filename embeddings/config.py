@@ -66,8 +66,9 @@ class PrepareConfig:
         "help": "--generator llm: extra training queries made from each kept question, in the styles users type "
                 "(repeatable): keyword (its words less question and function words: 'CET1 ratio end year'), dated "
                 "(the year of a document whose file name has one, said in the question: 'What was the CET1 ratio at "
-                "the end of 2024?'). val.json and heldout.json keep the LLM's questions.",
-        "choices": ["keyword", "dated"]})
+                "the end of 2024?'), definition ('What does Connected Group mean?' for a chunk's sentence that defines "
+                "a quoted term; not from the LLM). val.json and heldout.json keep the LLM's questions.",
+        "choices": ["keyword", "dated", "definition"]})
     embedder: str = field(default=MINILM, metadata={
         "help": "Embedder whose tokenizer and max_seq_length size the chunks (the model you will fine-tune)."})
     chunk_tokens: int = field(default=128, metadata={
@@ -119,7 +120,7 @@ class PrepareConfig:
         if not 0 <= self.heldout_fraction < 0.5:
             raise ValueError(f"--heldout-fraction ({self.heldout_fraction}) must be in [0, 0.5)")
         if self.query_styles and (self.generator != "llm" or not self.docs):
-            raise ValueError("--query-styles makes variants of the questions --generator llm writes from DOCS")
+            raise ValueError("--query-styles adds to the questions --generator llm writes from DOCS")
         if self.roundtrip_top_k < 0:
             raise ValueError(f"--roundtrip-top-k ({self.roundtrip_top_k}) must be >= 0")
         if self.batch_size < 1 or self.max_new_tokens < 8 or self.max_chunks < 0 or self.temperature < 0:

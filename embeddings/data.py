@@ -283,6 +283,21 @@ def dated_query(question: str, year: str) -> str | None:
     return said if n else question.rstrip(" ?") + f" in {year}?"
 
 
+# "2.3 'Connected Group' or 'CG' means ...", 'An "event of default" with respect to a series means ...'
+_DEFINITION = re.compile(r"""^(?:[\d.]+\s+)?(?:(?:an?|the)\s+)?['"\u2018\u201c](?P<term>[^'"\u2019\u201d]{2,60})['"\u2019\u201d]"""
+                         r"""(?:\s+or\s+['"\u2018\u201c](?P<abbr>[^'"\u2019\u201d]{2,20})['"\u2019\u201d])?"""
+                         r"""(?:\s+[^.;:]{0,60}?)?\s+(?:means|is defined as|refers to)\b""", re.I)
+
+
+def definition_queries(sentence: str) -> list[str]:
+    """What a reader asks of a sentence that defines a quoted term: "What does Connected Group mean?"
+    (and "What is CDD?" for its abbreviation); [] for any other sentence."""
+    found = _DEFINITION.match(sentence.strip())
+    if not found:
+        return []
+    return [f"What does {found['term']} mean?"] + ([f"What is {found['abbr']}?"] if found["abbr"] else [])
+
+
 def styled_queries(questions: list[str], styles: list[str], year: str | None) -> list[str]:
     """`questions` followed by their `styles` variants ("keyword", "dated"), without repeats."""
     out = list(questions)

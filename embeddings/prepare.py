@@ -38,6 +38,7 @@ from embeddings.data import (
     Pairs,
     chunk_sentences,
     clean_text,
+    definition_queries,
     document_year,
     ict_pairs,
     normalise_question,
@@ -333,11 +334,14 @@ def roundtrip_filter(queries: dict[str, tuple[list[str], str]], chunks: list[Chu
 def add_query_styles(queries: dict[str, tuple[list[str], str]], chunks: list[Chunk],
                      styles: list[str]) -> tuple[dict[str, tuple[list[str], str]], int]:
     """(queries, variants added): each of `chunks`' questions followed by its `styles` variants
-    (embeddings.data.styled_queries; "dated" takes the year from the chunk's file name)."""
+    (embeddings.data.styled_queries; "dated" takes the year from the chunk's file name), then, with
+    "definition", what is asked of the terms its own sentences define."""
     out, added = dict(queries), 0
     for c in chunks:
         questions, passage = queries[c.id]
         styled = styled_queries(questions, styles, document_year(c.doc))
+        if "definition" in styles:
+            styled += [q for i in c.own for q in definition_queries(c.sentences[i]) if q not in styled]
         added += len(styled) - len(questions)
         out[c.id] = (styled, passage)
     return out, added

@@ -52,6 +52,11 @@ from tunerag.samples import SAMPLE_QA, SAMPLE_REPORT  # noqa: E402
 logger = logging.getLogger("sweep_embeddings")
 
 
+# none, or every non-empty set of prepare's query styles in its flag's order, joined by "+"
+QUERY_STYLE_SETS = ["none"] + ["+".join(c) for n in (1, 2, 3) for c in itertools.combinations(
+    ["keyword", "dated", "definition"], n)]
+
+
 @dataclass
 class SweepConfig:
     """Grid search of embeddings.finetune settings, picked by the gain in validation NDCG@10 over the base model."""
@@ -71,8 +76,8 @@ class SweepConfig:
         "help": "--generator llm: embeddings.prepare --drop-easy off or on (repeatable: one pairs set each).",
         "choices": ["off", "on"]})
     query_styles: list[str] = field(default_factory=lambda: ["none"], metadata={
-        "help": "--generator llm: embeddings.prepare --query-styles, as none, keyword, dated or keyword+dated "
-                "(repeatable: one pairs set each).", "choices": ["none", "keyword", "dated", "keyword+dated"]})
+        "help": "--generator llm: embeddings.prepare --query-styles, as none or styles joined by '+' (keyword+dated) "
+                "(repeatable: one pairs set each).", "choices": QUERY_STYLE_SETS})
     llm_dtype: list[str] = field(default_factory=lambda: ["auto"], metadata={
         "help": "--corpus: embeddings.prepare --llm-dtype of the question writer (repeatable: one pairs set each; "
                 "a value other than auto is named in the setting's data).", "choices": ["auto", "float32", "bfloat16"]})

@@ -11,6 +11,7 @@ from embeddings.data import (
     chunk_sentences,
     clean_text,
     dated_query,
+    definition_queries,
     document_year,
     ict_pairs,
     keyword_query,
@@ -160,6 +161,18 @@ def test_query_styles_say_the_question_as_keywords_and_with_its_documents_year()
     assert styled_queries([question], ["dated"], None) == [question]  # no year known: no dated variant
     assert styled_queries(["What was net income in 2024?"], ["dated", "keyword"], "2024") == [
         "What was net income in 2024?", "net income 2024"]
+
+
+def test_definition_queries_ask_what_a_quoted_defined_term_means():
+    assert definition_queries("2.2 'Customer Due Diligence' or 'CDD' means the measures taken to identify a customer.") == [
+        "What does Customer Due Diligence mean?", "What is CDD?"]
+    assert definition_queries('An "event of default" with respect to a series of notes means any of the following:') == [
+        "What does event of default mean?"]
+    assert definition_queries("\u201cTreasury Rate\u201d is defined as the yield on the determination date.") == [
+        "What does Treasury Rate mean?"]
+    for sentence in ("The CET1 ratio means a lot to us.", "2.1 In this policy the following terms have the meanings below.",
+                     "For these purposes, a retail investor means a person who is a retail client."):
+        assert definition_queries(sentence) == []  # no quoted term defined
 
 
 GOOD = {"queries": {"q1": "What was revenue?"}, "corpus": {"c1": "Revenue was $8.64 billion.", "c2": "Other."},

@@ -233,6 +233,18 @@ def test_roundtrip_filter_drops_questions_their_chunk_does_not_answer(minilm_pat
     assert prepare.roundtrip_filter(queries, chunks, str(minilm_path), top_k=3)[1] == 0  # without it, all in the top 3
 
 
+def test_query_styles_add_variants_and_definitions_to_the_given_chunks_only():
+    defining = ["2.3 'Connected Group' means two or more Obligors linked by control.", "It is reviewed yearly."]
+    chunks = [Chunk("policy_2024.txt", 0, " ".join(defining), defining, [0, 1]),
+              Chunk("policy_2024.txt", 1, "Limits are set by the board.", ["Limits are set by the board."], [0])]
+    queries = {"policy_2024.txt#0": (["What is a Connected Group?"], chunks[0].text),
+               "policy_2024.txt#1": (["Who sets the limits?"], chunks[1].text)}
+    styled, added = prepare.add_query_styles(queries, chunks[:1], ["keyword", "dated", "definition"])
+    assert styled["policy_2024.txt#0"] == (["What is a Connected Group?", "Connected Group", "What is a Connected Group in 2024?",
+                                            "What does Connected Group mean?"], chunks[0].text)
+    assert added == 3 and styled["policy_2024.txt#1"] == queries["policy_2024.txt#1"]  # not a training chunk here
+
+
 def test_bad_documents_are_one_line(tmp_path, caplog):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(TuneragError, match="is empty"):
