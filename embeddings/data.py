@@ -299,11 +299,13 @@ def definition_queries(sentence: str) -> list[str]:
 
 
 def styled_queries(questions: list[str], styles: list[str], year: str | None) -> list[str]:
-    """`questions` followed by their `styles` variants ("keyword", "dated"), without repeats."""
+    """`questions` followed by their variants in the question styles among `styles` ("keyword", "dated"),
+    without repeats; other styles (definition) are not made from questions."""
+    makers = {"keyword": keyword_query, "dated": lambda question: dated_query(question, year) if year else None}
     out = list(questions)
     for question in questions:
-        for style in styles:
-            variant = keyword_query(question) if style == "keyword" else (dated_query(question, year) if year else None)
+        for style in (s for s in styles if s in makers):
+            variant = makers[style](question)
             if variant and normalise_question(variant) not in map(normalise_question, out):
                 out.append(variant)
     return out

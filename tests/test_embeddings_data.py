@@ -159,6 +159,7 @@ def test_query_styles_say_the_question_as_keywords_and_with_its_documents_year()
     assert styled_queries([question], ["keyword", "dated"], "2024") == [
         question, "CET1 ratio end year", "What was the CET1 ratio at the end of 2024?"]
     assert styled_queries([question], ["dated"], None) == [question]  # no year known: no dated variant
+    assert styled_queries([question], ["definition"], "2024") == [question]  # made from sentences, not questions
     assert styled_queries(["What was net income in 2024?"], ["dated", "keyword"], "2024") == [
         "What was net income in 2024?", "net income 2024"]
 
