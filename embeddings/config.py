@@ -13,6 +13,9 @@ from typing import Literal
 from tunerag.models import MINILM, SMOLLM2
 
 
+QUERY_STYLES = ("keyword", "dated", "definition")
+
+
 @dataclass
 class PrepareConfig:
     """Synthetic (query, passage) pairs from your documents, as train.json/val.json in the LlamaIndex
@@ -63,12 +66,13 @@ class PrepareConfig:
         "help": "--generator llm with the round-trip filter: also drop a training question whose own chunk --embedder "
                 "already ranks first (an easy pair, which teaches the fine-tune little)."})
     query_styles: list[str] = field(default_factory=list, metadata={
-        "help": "--generator llm: extra training queries made from each kept question, in the styles users type "
-                "(repeatable): keyword (its words less question and function words: 'CET1 ratio end year'), dated "
-                "(the year of a document whose file name has one, said in the question: 'What was the CET1 ratio at "
-                "the end of 2024?'), definition ('What does Connected Group mean?' for a chunk's sentence that defines "
-                "a quoted term; not from the LLM). val.json and heldout.json keep the LLM's questions.",
-        "choices": ["keyword", "dated", "definition"]})
+        "help": "--generator llm: extra training queries in the styles users type (repeatable; none, the default: "
+                "only the LLM's questions): keyword (a kept question's words less question and function words: 'CET1 ratio end "
+                "year'), dated (the question with the year of a document whose file name has one: 'What was the CET1 "
+                "ratio at the end of 2024?'), definition ('What does Connected Group mean?' for a chunk's sentence "
+                "that defines a quoted term). val.json and heldout.json keep the LLM's questions. Off by default: "
+                "measured in the README.",
+        "choices": [*QUERY_STYLES, "none"]})
     embedder: str = field(default=MINILM, metadata={
         "help": "Embedder whose tokenizer and max_seq_length size the chunks (the model you will fine-tune)."})
     chunk_tokens: int = field(default=128, metadata={
@@ -119,6 +123,10 @@ class PrepareConfig:
             raise ValueError(f"--val-fraction ({self.val_fraction}) must be between 0 and 1")
         if not 0 <= self.heldout_fraction < 0.5:
             raise ValueError(f"--heldout-fraction ({self.heldout_fraction}) must be in [0, 0.5)")
+        if "none" in self.query_styles:
+            if len(self.query_styles) > 1:
+                raise ValueError("--query-styles none cannot go with other styles")
+            self.query_styles = []
         if self.query_styles and (self.generator != "llm" or not self.docs):
             raise ValueError("--query-styles adds to the questions --generator llm writes from DOCS")
         if self.roundtrip_top_k < 0:

@@ -49,6 +49,9 @@ class OfflineLoopConfig:
 
     copies: int = field(default=4, metadata={"help": "Copies of the long corpus (4: about 1,470 index chunks)."})
     work: Path | None = field(default=None, metadata={"help": "Working folder (default: a temp folder)."})
+    query_styles: list[str] = field(default_factory=list, metadata={
+        "help": "Passed to embeddings.prepare --query-styles (repeatable; default: prepare's own default).",
+        "choices": ["keyword", "dated", "definition", "none"]})
 
 
 def variant(text: str, i: int) -> str:
@@ -110,7 +113,8 @@ def main(cfg: OfflineLoopConfig) -> dict:
     logger.info("%d documents, %d words, %d index chunks", len(paths), words, chunks)
     pairs, model = work / "pairs", work / "model"
     prepare_s = timed([sys.executable, "-m", "embeddings.prepare", str(work / "docs"), "--out", str(pairs),
-                       "--cache", str(work / "question_cache.jsonl")], work / "prepare.log")
+                       "--cache", str(work / "question_cache.jsonl"),
+                       *(arg for style in cfg.query_styles for arg in ("--query-styles", style))], work / "prepare.log")
     estimate = ESTIMATE.search((work / "prepare.log").read_text(encoding="utf-8"))
     finetune_s = timed([sys.executable, "-m", "embeddings.finetune", "--train", str(pairs / "train.json"), "--val",
                         str(pairs / "val.json"), "--heldout", str(pairs / "heldout.json"), "--out", str(model)],

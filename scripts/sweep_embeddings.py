@@ -45,7 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from embeddings.config import FinetuneConfig, PrepareConfig  # noqa: E402
+from embeddings.config import QUERY_STYLES, FinetuneConfig, PrepareConfig  # noqa: E402
 from tunerag.common import parse_config  # noqa: E402
 from tunerag.samples import SAMPLE_QA, SAMPLE_REPORT  # noqa: E402
 
@@ -53,8 +53,7 @@ logger = logging.getLogger("sweep_embeddings")
 
 
 # none, or every non-empty set of prepare's query styles in its flag's order, joined by "+"
-QUERY_STYLE_SETS = ["none"] + ["+".join(c) for n in (1, 2, 3) for c in itertools.combinations(
-    ["keyword", "dated", "definition"], n)]
+QUERY_STYLE_SETS = ["none"] + ["+".join(c) for n in (1, 2, 3) for c in itertools.combinations(QUERY_STYLES, n)]
 
 
 @dataclass
