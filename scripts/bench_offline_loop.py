@@ -2,7 +2,8 @@
 
 The whole offline embeddings loop on a 10-K-sized corpus (issue: "under 30 minutes on the 2-core CPU, with an
 ETA shown before it starts"), timed as a user runs it: `python -m embeddings.prepare DOCS --out pairs` then
-`python -m embeddings.finetune --train/--val/--heldout ... --out model`, each in its own process, defaults only.
+`python -m embeddings.finetune --train/--val/--heldout ... --out model`, each in its own process, defaults only
+(`--query-styles` passes prepare's option of that name, to measure it).
 
 No 10-K ships here (nothing may be downloaded), so the corpus is the long sample corpus (three annual
 reports, a rating methodology, a prospectus: 368 index chunks) written out --copies times as other companies'
@@ -31,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from embeddings.config import QUERY_STYLES  # noqa: E402
 from tunerag.common import parse_config  # noqa: E402
 
 logger = logging.getLogger("bench_offline_loop")
@@ -51,7 +53,7 @@ class OfflineLoopConfig:
     work: Path | None = field(default=None, metadata={"help": "Working folder (default: a temp folder)."})
     query_styles: list[str] = field(default_factory=list, metadata={
         "help": "Passed to embeddings.prepare --query-styles (repeatable; default: prepare's own default).",
-        "choices": ["keyword", "dated", "definition", "none"]})
+        "choices": [*QUERY_STYLES, "none"]})
 
 
 def variant(text: str, i: int) -> str:
