@@ -246,12 +246,11 @@ def write_questions(contexts: list[str], cfg: PrepareConfig) -> tuple[list[list[
     timed = batches[:2]
     if timed:
         logger.info("timing the first %d batch(es) (%d prompts)...", len(timed), sum(map(len, timed)))
-    seconds = []
-    for batch in timed:
-        t = time.perf_counter()
-        generate(batch)
-        seconds.append(time.perf_counter() - t)
-    if timed:
+        seconds = []
+        for batch in timed:
+            t = time.perf_counter()
+            generate(batch)
+            seconds.append(time.perf_counter() - t)
         logger.info("first batch: %.1f s%s; estimate %.0f s for the other %d batches (rough: a batch whose rows all "
                     "end early is faster, a longer prompt slower)", seconds[0],
                     f" (warm-up), second {seconds[-1]:.1f} s" if len(seconds) > 1 else "",

@@ -12,6 +12,7 @@ Heavy libraries (torch, transformers, langchain, chromadb) are imported inside f
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import json
 import logging
@@ -302,16 +303,8 @@ class Answerer:
 def last_call_kept(embed: Callable[[list[str]], list[list[float]]]) -> Callable[[list[str]], list[list[float]]]:
     """`embed` that answers a repeat of its last call from memory: the support check and the context cut
     score the same sentences of the same passages against the same question."""
-    last: dict[tuple[str, ...], list[list[float]]] = {}
-
-    def call(texts: list[str]) -> list[list[float]]:
-        key = tuple(texts)
-        if key not in last:
-            last.clear()
-            last[key] = embed(texts)
-        return last[key]
-
-    return call
+    last = functools.lru_cache(maxsize=1)(lambda texts: embed(list(texts)))
+    return lambda texts: last(tuple(texts))
 
 
 def print_timings(timings: dict[str, float]) -> None:

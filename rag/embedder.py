@@ -125,13 +125,13 @@ def transformers_encoder(folder: Path, layout: dict, dtype: str | None) -> Folde
     return FolderEmbeddings(encode, tokenizer, max_length, model.dtype, "transformers")
 
 
-def sentence_transformers_encoder(spec: str, dtype: str | None) -> FolderEmbeddings:
+def sentence_transformers_encoder(spec: str, dtype: str | None, batch_size: int = BATCH) -> FolderEmbeddings:
     from tunerag.models import load_embedder
 
     model = load_embedder(spec, dtype=dtype)
 
     def encode(texts: list[str]) -> list[list[float]]:
-        return model.encode(texts, normalize_embeddings=True, batch_size=BATCH, show_progress_bar=False).tolist()
+        return model.encode(texts, normalize_embeddings=True, batch_size=batch_size, show_progress_bar=False).tolist()
 
     return FolderEmbeddings(encode, model.tokenizer, model.max_seq_length, model.dtype, "sentence-transformers")
 

@@ -76,13 +76,9 @@ def threads_label() -> int:
 def today_embeddings():
     """Today's path, pinned: sentence-transformers' own encode in float32 at its default batch of 32
     (rag.embedder's BATCH may move)."""
-    from rag.embedder import FolderEmbeddings
-    from tunerag.models import load_embedder
+    from rag.embedder import sentence_transformers_encoder
 
-    model = load_embedder("minilm", dtype="float32")
-    return FolderEmbeddings(
-        lambda texts: model.encode(texts, normalize_embeddings=True, batch_size=32, show_progress_bar=False).tolist(),
-        model.tokenizer, model.max_seq_length, model.dtype, "sentence-transformers")
+    return sentence_transformers_encoder("minilm", "float32", batch_size=32)
 
 
 def bench_embed(cfg: BenchSpeedConfig) -> dict:
