@@ -169,8 +169,8 @@ class Answerer:
         self.embed = last_call_kept(embeddings.embed_documents)
         self.bm25 = bm25
         self.retriever = make_retriever(store, bm25, cfg.k, sorted({d.metadata["source"] for d in docs}),
-                                        mode=cfg.retriever, bm25_weight=cfg.bm25_weight, year_weight=cfg.year_weight,
-                                        abbreviations=cfg.abbreviations)
+                                        mode=cfg.retriever, bm25_weight=cfg.bm25_weight, fetch_k=cfg.fetch_k,
+                                        year_weight=cfg.year_weight, abbreviations=cfg.abbreviations)
         self.files = sorted({Path(d.metadata["source"]).name for d in docs})
         self.timings["index"] = time.perf_counter() - t
         self.stop = None

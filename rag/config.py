@@ -36,6 +36,10 @@ class RagConfig:
     bm25_weight: float = field(default=3.0, metadata={
         "help": "Weight of the BM25 ranking against the embedder's (1.0) in the hybrid fusion (3.0: best mean "
                 "answer-in-top-4 over the tuning halves of the sample and long corpora, see README)."})
+    fetch_k: int = field(default=80, metadata={
+        "help": "hybrid: candidates each side (the embedder, BM25) ranks before the fusion; a chunk ranked low by both "
+                "sides still rises (80: best mean answer-in-top-4 over the three tuning halves among 20-160, see "
+                "README). At least --k."})
     year_weight: float = field(default=0.5, metadata={
         "help": "Weight, in the hybrid fusion, of a third ranking: the candidates from documents whose title (file "
                 "name) names a year the question names, e.g. 'in 2024' and halvorsen_2024_annual_report.txt (0: off; "
@@ -108,8 +112,8 @@ class RagConfig:
             raise ValueError("give at least one --file")
         if self.question is not None and self.questions is not None:
             raise ValueError("pass either --question or --questions, not both")
-        if self.k < 1:
-            raise ValueError(f"--k must be at least 1 (got {self.k})")
+        if self.k < 1 or self.fetch_k < 1:
+            raise ValueError(f"--k and --fetch-k must be at least 1 (got {self.k}, {self.fetch_k})")
         if self.min_support < 0:
             raise ValueError(f"--min-support must be >= 0 (got {self.min_support}; 0 turns the check off)")
         if self.chunk_size < 8:

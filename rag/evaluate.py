@@ -35,6 +35,7 @@ class RagEvalConfig:
     gen_questions: int = field(default=66, metadata={"help": "Answer only the first N questions with each LLM (generation is slow on CPU)."})
     retriever: str = field(default=rag_default("retriever"), metadata={"help": "As rag.cli --retriever."})
     bm25_weight: float = field(default=rag_default("bm25_weight"), metadata={"help": "As rag.cli --bm25-weight."})
+    fetch_k: int = field(default=rag_default("fetch_k"), metadata={"help": "As rag.cli --fetch-k."})
     year_weight: float = field(default=rag_default("year_weight"), metadata={"help": "As rag.cli --year-weight."})
     dtype: str = field(default="auto", metadata={"help": "As rag.cli --dtype."})
     abbreviations: bool = field(default=rag_default("abbreviations"), metadata={"help": "As rag.cli --abbreviations."})
@@ -48,7 +49,7 @@ class RagEvalConfig:
     def rag_config(self, **overrides) -> RagConfig:
         settings = {"file": list(self.file), "question": "-", "k": self.k, "chunk_size": self.chunk_size,
                     "chunk_overlap": self.chunk_overlap, "max_new_tokens": self.max_new_tokens, "seed": self.seed,
-                    "retriever": self.retriever, "bm25_weight": self.bm25_weight,
+                    "retriever": self.retriever, "bm25_weight": self.bm25_weight, "fetch_k": self.fetch_k,
                     "year_weight": self.year_weight, "context": self.context,
                     "context_tokens": self.context_tokens, "answer": self.answer, "dtype": self.dtype,
                     "abbreviations": self.abbreviations, "unknown_names": self.unknown_names,

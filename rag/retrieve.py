@@ -277,7 +277,7 @@ def rrf(rankings: dict[str, list[str]], weights: dict[str, float]) -> list[tuple
 
 
 def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mode: str = "hybrid",
-                   bm25_weight: float = 1.0, fetch_k: int | None = None, abbreviations: bool = True,
+                   bm25_weight: float = 1.0, fetch_k: int = 80, abbreviations: bool = True,
                    year_weight: float = 0.0):
     from langchain_core.callbacks import CallbackManagerForRetrieverRun
     from langchain_core.documents import Document
@@ -353,4 +353,4 @@ def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mo
             return out
 
     return HybridRetriever(store=store, bm25=bm25, k=k, sources=sources, mode=mode, bm25_weight=bm25_weight,
-                           fetch_k=fetch_k or max(4 * k, 20), abbreviations=abbreviations, year_weight=year_weight)
+                           fetch_k=max(fetch_k, k), abbreviations=abbreviations, year_weight=year_weight)
