@@ -163,14 +163,16 @@ class Answerer:
             bm25 = None
             if cfg.retriever != "dense":
                 changed = bool(cfg.reindex or self.report.embedded or self.report.removed)
+                sentences = cfg.retriever == "hybrid" and cfg.sentence_weight > 0
                 bm25 = open_bm25(store._collection, local / name if cfg.chroma_url else local / "bm25" / name,
-                                 changed=changed)
+                                 changed=changed, embed=embeddings.embed_documents if sentences else None)
         self.embeddings = embeddings
         self.embed = last_call_kept(embeddings.embed_documents)
         self.bm25 = bm25
         self.retriever = make_retriever(store, bm25, cfg.k, sorted({d.metadata["source"] for d in docs}),
                                         mode=cfg.retriever, bm25_weight=cfg.bm25_weight, fetch_k=cfg.fetch_k,
-                                        year_weight=cfg.year_weight, abbreviations=cfg.abbreviations)
+                                        year_weight=cfg.year_weight, sentence_weight=cfg.sentence_weight,
+                                        abbreviations=cfg.abbreviations)
         self.files = sorted({Path(d.metadata["source"]).name for d in docs})
         self.timings["index"] = time.perf_counter() - t
         self.stop = None

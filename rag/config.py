@@ -40,6 +40,10 @@ class RagConfig:
         "help": "hybrid: candidates each side (the embedder, BM25) ranks before the fusion; a chunk ranked low by both "
                 "sides still rises (80: best mean answer-in-top-4 over the three tuning halves among 20-160, see "
                 "README). At least --k."})
+    sentence_weight: float = field(default=2.0, metadata={
+        "help": "Weight, in the hybrid fusion, of a ranking of chunks by the embedder's cosine of their best sentence "
+                "(every sentence and table row is embedded once, beside the BM25 index; 2.0: best mean answer-in-top-4 "
+                "over the three tuning halves among 0-3, see README); 0: off, nothing more is embedded."})
     year_weight: float = field(default=0.5, metadata={
         "help": "Weight, in the hybrid fusion, of a third ranking: the candidates from documents whose title (file "
                 "name) names a year the question names, e.g. 'in 2024' and halvorsen_2024_annual_report.txt (0: off; "
@@ -120,9 +124,10 @@ class RagConfig:
             raise ValueError(f"--chunk-size must be at least 8 tokens (got {self.chunk_size})")
         if not 0 <= self.chunk_overlap < self.chunk_size:
             raise ValueError(f"--chunk-overlap ({self.chunk_overlap}) must be >= 0 and < --chunk-size ({self.chunk_size})")
-        if self.bm25_weight < 0 or self.year_weight < 0 or self.context_tokens < 16:
-            raise ValueError(f"--bm25-weight and --year-weight must be >= 0 and --context-tokens >= 16 (got "
-                             f"{self.bm25_weight}, {self.year_weight}, {self.context_tokens})")
+        if min(self.bm25_weight, self.sentence_weight, self.year_weight) < 0 or self.context_tokens < 16:
+            raise ValueError(f"--bm25-weight, --sentence-weight and --year-weight must be >= 0 and --context-tokens "
+                             f">= 16 (got {self.bm25_weight}, {self.sentence_weight}, {self.year_weight}, "
+                             f"{self.context_tokens})")
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
         if self.temperature < 0:

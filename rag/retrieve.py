@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from rag.abbreviations import defined_in, spelled_out
 from rag.index import ID_BATCH, document_title
@@ -38,6 +38,9 @@ RRF_K = 60  # the constant of Cormack et al. (2009); ranks, not scores, are fuse
 BM25_META = "tunerag-bm25.json"
 BM25_ROWS = "sentences"  # what one BM25 row is; an index stored with other rows is rebuilt
 BM25_FORMAT = 2  # 2: the documents' abbreviations are stored with the index
+SENTENCE_VECTORS = "sentence-vectors.npy"
+VECTOR_ROWS = "title: unit"  # what a sentence vector embeds; vectors stored of another layout are redone
+VECTOR_BLOCK = 256  # sentences per embed call: a live progress bar
 ROWS_PER_HIT = 10  # sentence rows fetched per chunk wanted: a chunk's sentences often rank together
 YEAR = re.compile(r"(?<!\d)(?:19|20)\d\d(?!\d)")  # a year on its own, not inside a longer number
 TITLE_YEAR = re.compile(r"(?<!\d)(?:19|20)\d\d")  # a file named for its date, "aapl-20240928", names 2024
@@ -121,6 +124,7 @@ class Bm25Index:
     sources: list[str]
     stem: bool
     abbreviations: dict[str, str]  # defined in the chunks: {"NSFR": "net stable funding ratio"}
+    vectors: Any = None  # each row's embedder vector (rows x dim, unit length), for the hybrid's sentence side
 
     @cached_property
     def source_of(self) -> dict[str, str]:
@@ -154,6 +158,28 @@ class Bm25Index:
         kept = [(int(r), float(sc)) for r, sc in zip(rows[0], scores[0]) if sc > 0]
         return [r for r, _ in kept], [sc for _, sc in kept]
 
+    def sentence_search(self, query_vector: list[float], k: int,
+                        allowed_sources: set[str] | None = None) -> list[tuple[str, float]]:
+        """(chunk id, cosine of its best sentence with the query) of the best `k` chunks of `allowed_sources`."""
+        import numpy as np
+
+        if self.vectors is None or not self.ids:
+            return []
+        import torch
+
+        q = torch.tensor(query_vector, dtype=torch.float32)
+        # torch's matmul, not numpy's: OpenBLAS's spinning threads would slow the next torch call (the
+        # query's encoding) about 2x on a 2-core machine
+        cosines = (torch.from_numpy(self.vectors) @ (q / (q.norm() or 1.0))).numpy()
+        if allowed_sources is not None:
+            cosines[[s not in allowed_sources for s in self.sources]] = -np.inf
+        best: dict[str, float] = {}
+        for r in np.argsort(-cosines, kind="stable"):
+            if len(best) == k or cosines[r] == -np.inf:
+                break
+            best.setdefault(self.ids[r], round(float(cosines[r]), 4))
+        return list(best.items())
+
     def search(self, query: str, k: int, allowed_sources: set[str] | None = None) -> list[tuple[str, float]]:
         """(chunk id, BM25 score of its best sentence) of the best `k` chunks with any query term, from
         `allowed_sources` only."""
@@ -181,41 +207,85 @@ def all_chunks(collection, include: list[str]) -> dict[str, Any]:
         offset += ID_BATCH
 
 
-def build_bm25(collection, stem: bool = True) -> Bm25Index:
+def sentence_vectors(rows: list[str], row_ids: list[str], embed: Callable[[list[str]], list[list[float]]],
+                     previous: dict[str, Any]):
+    """Each row's vector (unit length). A chunk id names its text, so the rows of a chunk in `previous`
+    ({chunk id: its rows' vectors}, from the stored index) are reused and only new chunks are embedded."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    counts: dict[str, int] = {}
+    for i in row_ids:
+        counts[i] = counts.get(i, 0) + 1
+    reuse = {i: v for i, v in previous.items() if len(v) == counts.get(i)}
+    todo = [n for n, i in enumerate(row_ids) if i not in reuse]
+    vectors: list[Any] = [None] * len(rows)
+    seen: dict[str, int] = {}
+    for n, i in enumerate(row_ids):
+        if i in reuse:
+            vectors[n] = reuse[i][seen.get(i, 0)]
+            seen[i] = seen.get(i, 0) + 1
+    with tqdm(total=len(todo), unit="sentence", desc="embedding sentences", disable=None if todo else True) as bar:
+        for start in range(0, len(todo), VECTOR_BLOCK):
+            block = todo[start:start + VECTOR_BLOCK]
+            for n, vec in zip(block, embed([rows[n] for n in block])):
+                vectors[n] = vec
+            bar.update(len(block))
+    matrix = np.asarray(vectors, dtype=np.float32).reshape(len(rows), -1)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix / np.where(norms > 0, norms, 1.0)
+
+
+def build_bm25(collection, stem: bool = True, embed: Callable[[list[str]], list[list[float]]] | None = None,
+               previous: dict[str, Any] | None = None) -> Bm25Index:
+    """The index of the collection's sentence rows; with `embed`, their vectors too (see sentence_vectors)."""
     bm25s = import_bm25s()
 
     chunks = all_chunks(collection, ["documents", "metadatas"])
     model = bm25s.BM25()
-    rows, row_ids, row_sources = [], [], []
+    rows, row_ids, row_sources, row_titles = [], [], [], []
     for chunk_id, text, meta in zip(chunks["ids"], chunks["documents"], chunks["metadatas"]):
         meta = meta or {}
         for start, end in split_units(text) or [(0, len(text))]:
-            rows.append(f"{meta.get('title', '')} {text[start:end]}")
+            rows.append(text[start:end])
+            row_titles.append(meta.get("title", ""))
             row_ids.append(chunk_id)
             row_sources.append(meta.get("source", ""))
     if rows:
-        model.index(bm25_tokens(rows, stem), show_progress=False)
-    return Bm25Index(model, row_ids, row_sources, stem, defined_in(chunks["documents"]))
+        model.index(bm25_tokens([f"{t} {r}" for t, r in zip(row_titles, rows)], stem), show_progress=False)
+    vectors = None
+    if embed is not None:
+        vectors = sentence_vectors([f"{t}: {r}" if t else r for t, r in zip(row_titles, rows)], row_ids, embed,
+                                   previous or {})
+    return Bm25Index(model, row_ids, row_sources, stem, defined_in(chunks["documents"]), vectors)
 
 
 def save_bm25(index: Bm25Index, folder: Path) -> None:
     """Write the index into a temp folder beside `folder`, then swap it in: never half an index."""
     tmp = temp_folder(folder)
     try:
+        import numpy as np
+
         if index.ids:
             index.model.save(str(tmp), show_progress=False)
+        if index.vectors is not None:
+            np.save(tmp / SENTENCE_VECTORS, index.vectors)
         chunk_ids = sorted(set(index.ids))
         meta = {"ids_sha256": ids_digest(chunk_ids), "chunk_ids": chunk_ids, "row_ids": index.ids,
                 "sources": index.sources, "stem": index.stem, "rows": BM25_ROWS, "format": BM25_FORMAT,
-                "abbreviations": index.abbreviations}
+                "abbreviations": index.abbreviations, "vectors": VECTOR_ROWS if index.vectors is not None else None}
         (tmp / BM25_META).write_text(json.dumps(meta), encoding="utf-8")
         replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_bm25(folder: Path, expected_ids: list[str], stem: bool) -> tuple[Bm25Index | None, str]:
-    """(the stored index, "") when it matches the collection's ids and settings, else (None, why not)."""
+def load_bm25(folder: Path, expected_ids: list[str], stem: bool,
+              vectors: bool = False) -> tuple[Bm25Index | None, str]:
+    """(the stored index, "") when it matches the collection's ids and settings (and holds sentence
+    vectors, when `vectors`), else (None, why not)."""
+    import numpy as np
+
     bm25s = import_bm25s()
 
     meta_path = folder / BM25_META
@@ -233,21 +303,49 @@ def load_bm25(folder: Path, expected_ids: list[str], stem: bool) -> tuple[Bm25In
         model = bm25s.BM25.load(str(folder), show_progress=False) if meta["row_ids"] else bm25s.BM25()
         if meta["row_ids"] and model.scores["num_docs"] != len(meta["row_ids"]):
             return None, "damaged (row count differs from its ids)"
+        matrix = None
+        if vectors:
+            if meta.get("vectors") != VECTOR_ROWS:
+                return None, "stored without sentence vectors"
+            matrix = np.load(folder / SENTENCE_VECTORS)
+            if matrix.ndim != 2 or len(matrix) != len(meta["row_ids"]):
+                return None, "damaged (sentence vectors differ from its rows)"
     except Exception as e:  # noqa: BLE001 - any unreadable file means the same: rebuild it
         return None, f"unreadable ({first_line(e)})"
-    return Bm25Index(model, meta["row_ids"], meta["sources"], stem, meta["abbreviations"]), ""
+    return Bm25Index(model, meta["row_ids"], meta["sources"], stem, meta["abbreviations"], matrix), ""
 
 
-def open_bm25(collection, folder: Path, stem: bool = True, changed: bool = False) -> Bm25Index:
+def stored_vectors(folder: Path) -> dict[str, Any]:
+    """{chunk id: its rows' sentence vectors} of whatever index `folder` holds (for reuse), or {}."""
+    import numpy as np
+
+    try:
+        meta = json.loads((folder / BM25_META).read_text(encoding="utf-8"))
+        if meta.get("vectors") != VECTOR_ROWS:
+            return {}
+        matrix = np.load(folder / SENTENCE_VECTORS)
+        if len(matrix) != len(meta["row_ids"]):
+            return {}
+    except Exception:  # noqa: BLE001 - nothing reusable: every sentence is embedded
+        return {}
+    rows: dict[str, list[int]] = {}
+    for n, i in enumerate(meta["row_ids"]):
+        rows.setdefault(i, []).append(n)
+    return {i: matrix[ns] for i, ns in rows.items()}
+
+
+def open_bm25(collection, folder: Path, stem: bool = True, changed: bool = False,
+              embed: Callable[[list[str]], list[list[float]]] | None = None) -> Bm25Index:
     """The BM25 index of `collection`, stored in `folder`: loaded when it matches the collection's
-    ids, rebuilt (with a note) when it does not or when the caller says the collection `changed`."""
+    ids, rebuilt (with a note) when it does not or when the caller says the collection `changed`.
+    With `embed` it holds the sentences' vectors too; only sentences of new chunks are embedded."""
     ids = all_chunks(collection, [])["ids"]
-    index, why = (None, "") if changed else load_bm25(folder, ids, stem)
+    index, why = (None, "") if changed else load_bm25(folder, ids, stem, vectors=embed is not None)
     if index is not None:
         return index
     if why not in ("", "missing"):  # a changed collection (the usual update) or a new index needs no note
         logger.info("note: BM25 index %s: %s; rebuilt", folder, why)
-    index = build_bm25(collection, stem)
+    index = build_bm25(collection, stem, embed, stored_vectors(folder) if embed is not None else None)
     try:
         save_bm25(index, folder)
     except OSError as e:  # a read-only store still answers, with an in-memory BM25 index
@@ -278,7 +376,7 @@ def rrf(rankings: dict[str, list[str]], weights: dict[str, float]) -> list[tuple
 
 def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mode: str = "hybrid",
                    bm25_weight: float = 1.0, fetch_k: int = 80, abbreviations: bool = True,
-                   year_weight: float = 0.0):
+                   year_weight: float = 0.0, sentence_weight: float = 0.0):
     from langchain_core.callbacks import CallbackManagerForRetrieverRun
     from langchain_core.documents import Document
     from langchain_core.retrievers import BaseRetriever
@@ -286,9 +384,10 @@ def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mo
 
     class HybridRetriever(BaseRetriever):
         """Top-k chunks of the given files. metadata["score"]: the cosine similarity (dense), the BM25
-        score (bm25) or the fused RRF score (hybrid); "found_by": the sides that ranked it ("year": its
-        document's title names the question's year, year_ranking); for hybrid also "dense_score" and
-        "bm25_score" where that side found it."""
+        score (bm25) or the fused RRF score (hybrid); "found_by": the sides that ranked it ("sentences": the
+        embedder's cosine of its best sentence, Bm25Index.sentence_search; "year": its document's title names
+        the question's year, year_ranking); for hybrid also "dense_score", "sentence_score" and "bm25_score"
+        where that side found it."""
 
         model_config = ConfigDict(arbitrary_types_allowed=True)
         store: Any
@@ -300,6 +399,7 @@ def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mo
         fetch_k: int
         abbreviations: bool
         year_weight: float
+        sentence_weight: float
 
         def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
             dense_query = lexical_query = query
@@ -311,22 +411,32 @@ def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mo
             allowed = set(self.sources)
             where = {"source": self.sources[0]} if len(self.sources) == 1 else {"source": {"$in": self.sources}}
             dense: dict[str, tuple[Document, float]] = {}
+            by_sentence: list[tuple[str, float]] = []
             if self.mode != "bm25":
-                for doc, distance in self.store.similarity_search_with_score(dense_query, k=self.fetch_k if self.mode == "hybrid" else self.k, filter=where):
+                # one query vector for the chunks (Chroma) and the sentences (stored beside BM25)
+                query_vector = self.store.embeddings.embed_query(dense_query)
+                hits = self.store.similarity_search_by_vector_with_relevance_scores(
+                    query_vector, k=self.fetch_k if self.mode == "hybrid" else self.k, filter=where)
+                for doc, distance in hits:
                     dense[doc.id] = (doc, round(1.0 - distance, 4))
+                if self.mode == "hybrid" and self.sentence_weight > 0 and self.bm25 is not None:
+                    by_sentence = self.bm25.sentence_search(query_vector, self.fetch_k, allowed)
             lexical = self.bm25.search(lexical_query, self.fetch_k if self.mode == "hybrid" else self.k, allowed) if self.mode != "dense" else []
-            bm25_scores = dict(lexical)
+            bm25_scores, sentence_scores = dict(lexical), dict(by_sentence)
             if self.mode == "dense":
                 ranked = [(i, s, ["dense"]) for i, (_, s) in dense.items()]
             elif self.mode == "bm25":
                 ranked = [(i, round(s, 4), ["bm25"]) for i, s in lexical]
             else:
                 rankings = {"dense": list(dense), "bm25": [i for i, _ in lexical]}
-                weights = {"dense": 1.0, "bm25": self.bm25_weight, "year": self.year_weight}
+                if by_sentence:
+                    rankings["sentences"] = [i for i, _ in by_sentence]
+                weights = {"dense": 1.0, "bm25": self.bm25_weight, "sentences": self.sentence_weight,
+                           "year": self.year_weight}
                 ranked = rrf(rankings, weights)
                 if self.year_weight > 0:
                     sources = self.bm25.source_of if self.bm25 is not None else {}
-                    titles = {i: document_title(sources[i]) for i, _ in lexical}
+                    titles = {i: document_title(sources[i]) for i, _, _ in ranked if i in sources}
                     titles |= {i: d.metadata.get("title", "") for i, (d, _) in dense.items()}
                     years = year_ranking(query, [i for i, _, _ in ranked], titles)
                     if years:
@@ -347,10 +457,13 @@ def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mo
                 if self.mode == "hybrid":
                     if doc_id in dense:
                         meta["dense_score"] = dense[doc_id][1]
+                    if doc_id in sentence_scores:
+                        meta["sentence_score"] = sentence_scores[doc_id]
                     if doc_id in bm25_scores:
                         meta["bm25_score"] = round(bm25_scores[doc_id], 4)
                 out.append(Document(page_content=base.page_content, id=doc_id, metadata=meta))
             return out
 
     return HybridRetriever(store=store, bm25=bm25, k=k, sources=sources, mode=mode, bm25_weight=bm25_weight,
-                           fetch_k=max(fetch_k, k), abbreviations=abbreviations, year_weight=year_weight)
+                           fetch_k=max(fetch_k, k), abbreviations=abbreviations, year_weight=year_weight,
+                           sentence_weight=sentence_weight)
