@@ -33,10 +33,15 @@ logger = logging.getLogger(__name__)
 # splits "11.8%" into "11" and drops the "8".
 TOKEN_PATTERN = r"(?u)\d+(?:[.,]\d+)*|\w+"
 MAX_UNIT_WORDS = 40  # a table row or run-together line longer than this is cut into pieces
-SENTENCE_END = re.compile(r"(?<=[.!?;])\s+(?=[\"'(\[]?[A-Z0-9$])")
+# A sentence ends at . ! ? ; before a capital or a figure, but not after an abbreviation that a capital
+# often follows ("U.S. Treasury", "9:00 a.m. Central Time", "Ms. Ekdahl", "No. 2"); each lookbehind is fixed-width.
+NOT_AN_END = "".join(rf"(?<!\b{re.escape(a)})" for a in ("U.S.", "U.K.", "a.m.", "p.m.", "No.", "Nos.", "Inc.", "Co.",
+                                                           "Corp.", "Ltd.", "Mr.", "Ms.", "Mrs.", "Dr.", "St.", "vs.",
+                                                           "e.g.", "i.e.", "N.A.", "L.P."))
+SENTENCE_END = re.compile(rf"(?<=[.!?;]){NOT_AN_END}\s+(?=[\"'(\[]?[A-Z0-9$])")
 RRF_K = 60  # the constant of Cormack et al. (2009); ranks, not scores, are fused
 BM25_META = "tunerag-bm25.json"
-BM25_ROWS = "sentences"  # what one BM25 row is; an index stored with other rows is rebuilt
+BM25_ROWS = "sentences-2"  # what one BM25 row is (2: abbreviations end no sentence); others are rebuilt
 BM25_FORMAT = 2  # 2: the documents' abbreviations are stored with the index
 SENTENCE_VECTORS = "sentence-vectors.npy"
 VECTOR_ROWS = "title: unit"  # what a sentence vector embeds; vectors stored of another layout are redone
@@ -321,7 +326,7 @@ def stored_vectors(folder: Path) -> dict[str, Any]:
 
     try:
         meta = json.loads((folder / BM25_META).read_text(encoding="utf-8"))
-        if meta.get("vectors") != VECTOR_ROWS:
+        if meta.get("vectors") != VECTOR_ROWS or meta.get("rows") != BM25_ROWS:
             return {}
         matrix = np.load(folder / SENTENCE_VECTORS)
         if len(matrix) != len(meta["row_ids"]):

@@ -57,6 +57,10 @@ def test_units_cut_sentences_table_rows_and_long_runs():
     assert pieces[:3] == ["Net income was $1.2 billion.", "The CET1 ratio was 11.4% at year-end.",
                           "Net interest income | 3,412 | 3,198 | 2,944"]
     assert all(len(p.split()) <= 40 for p in pieces) and len(pieces) == 6  # 100 words -> 40 + 40 + 20
+    # an abbreviation before a capital ends no sentence: the meeting's date stays with its time
+    text = "The annual meeting will be held at 9:00 a.m. Central Time on April 23, 2024. U.S. Treasury yields rose."
+    assert [text[s:e] for s, e in split_units(text)] == [
+        "The annual meeting will be held at 9:00 a.m. Central Time on April 23, 2024.", "U.S. Treasury yields rose."]
 
 
 def test_rrf_weights_each_side():
