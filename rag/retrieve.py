@@ -5,9 +5,12 @@ Exact figures, years, defined terms and segment names are lexical, and a 254-tok
 them; Chroma's own sparse search is Cloud-only in 1.5.x, so the lexical side is `bm25s` here. The BM25
 index lives beside the store (`PERSIST_DIR/bm25/COLLECTION/`), keyed by the collection's chunk ids: it
 is rebuilt whenever those ids change (a file added, changed or removed, `--reindex`) and whenever it is
-missing, unreadable or built for other ids, with a note; it is never used stale.
+missing, unreadable or built for other ids, with a note; it is never used stale. The same sentence
+rows are embedded too (`sentence-vectors.npy` in that folder, reused for unchanged chunks), and a third
+side ranks chunks by their best sentence's cosine with the question (--sentence-weight).
 
-    retriever = HybridRetriever(store=store, bm25=open_bm25(store, folder), k=4, mode="hybrid")
+    retriever = make_retriever(store, open_bm25(collection, folder, embed=embeddings.embed_documents), k=4,
+                               sources=files, bm25_weight=3.0, sentence_weight=2.0, year_weight=0.5)
     retriever.invoke("What was the CET1 ratio in 2024?")   # Documents, metadata["score"], ["found_by"]
 """
 
@@ -122,7 +125,8 @@ class Bm25Index:
     Sentence rows, not whole chunks: in a 254-token chunk of an annual report every row of a table
     mentions "net interest income" and "2024", so BM25's length normalisation cannot tell the one
     sentence that answers from the chunk around it (answer-in-top-4 on the long corpus's tuning half,
-    hybrid: 0.754 with chunk rows, 0.808 with sentence rows; the sample report's: 0.939 both)."""
+    hybrid: 0.754 with chunk rows, 0.808 with sentence rows; the sample report's: 0.939 both). The
+    same holds for the embedder, so `vectors` holds each row's vector ("title: sentence") when asked."""
 
     model: Any
     ids: list[str]
@@ -167,11 +171,10 @@ class Bm25Index:
                         allowed_sources: set[str] | None = None) -> list[tuple[str, float]]:
         """(chunk id, cosine of its best sentence with the query) of the best `k` chunks of `allowed_sources`."""
         import numpy as np
+        import torch
 
         if self.vectors is None or not self.ids:
             return []
-        import torch
-
         q = torch.tensor(query_vector, dtype=torch.float32)
         # torch's matmul, not numpy's: OpenBLAS's spinning threads would slow the next torch call (the
         # query's encoding) about 2x on a 2-core machine

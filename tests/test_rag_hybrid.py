@@ -70,6 +70,15 @@ def test_rrf_weights_each_side():
     assert lexical_first[0][0] == "c"
 
 
+def test_fusion_flags_out_of_range_are_usage_errors():
+    from rag.config import RagConfig
+
+    with pytest.raises(ValueError, match="--sentence-weight"):
+        RagConfig(file=[Path("doc.txt")], sentence_weight=-1.0)
+    with pytest.raises(ValueError, match="--fetch-k must be at least 1"):
+        RagConfig(file=[Path("doc.txt")], fetch_k=0)
+
+
 def test_citations_are_parsed_or_fall_back_to_the_evidence():
     assert citations("It was 11.4% [2], see also [1] and [9].", 3, None) == [2, 1]
     assert citations("It was 11.4%.", 3, {"passage": 3}) == [3]
