@@ -42,8 +42,9 @@ class RagConfig:
                 "README). At least --k."})
     sentence_weight: float = field(default=2.0, metadata={
         "help": "Weight, in the hybrid fusion, of a ranking of chunks by the embedder's cosine of their best sentence "
-                "(every sentence and table row is embedded once, beside the BM25 index; 2.0: best mean answer-in-top-4 "
-                "over the three tuning halves among 0-3, see README); 0: off, nothing more is embedded."})
+                "(every sentence and table row is embedded once and stored beside the BM25 index, about doubling a first "
+                "index build; 2.0: best mean answer-in-top-4 over the three tuning halves among 0-2.5, see README); "
+                "0: off, nothing more is embedded."})
     year_weight: float = field(default=0.5, metadata={
         "help": "Weight, in the hybrid fusion, of a third ranking: the candidates from documents whose title (file "
                 "name) names a year the question names, e.g. 'in 2024' and halvorsen_2024_annual_report.txt (0: off; "

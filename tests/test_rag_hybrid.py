@@ -19,7 +19,7 @@ from conftest import REPO
 from rag import index
 from rag.embedder import load_embeddings
 from rag.context import best_unit, citations, evidence_passages, evidence_record, has_figure, split_units, support
-from rag.config import rag_default
+from rag.config import RagConfig, rag_default
 from rag.metrics import answer_matches, recall_at_k
 from rag.retrieve import BM25_META, all_chunks, load_bm25, make_retriever, open_bm25, rrf
 from tunerag.models import model_identity
@@ -71,8 +71,6 @@ def test_rrf_weights_each_side():
 
 
 def test_fusion_flags_out_of_range_are_usage_errors():
-    from rag.config import RagConfig
-
     with pytest.raises(ValueError, match="--sentence-weight"):
         RagConfig(file=[Path("doc.txt")], sentence_weight=-1.0)
     with pytest.raises(ValueError, match="--fetch-k must be at least 1"):
