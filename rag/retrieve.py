@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -233,12 +234,16 @@ def sentence_vectors(rows: list[str], row_ids: list[str], embed: Callable[[list[
         if i in reuse:
             vectors[n] = reuse[i][seen.get(i, 0)]
             seen[i] = seen.get(i, 0) + 1
+    t0 = time.perf_counter()
     with tqdm(total=len(todo), unit="sentence", desc="embedding sentences", disable=None if todo else True) as bar:
         for start in range(0, len(todo), VECTOR_BLOCK):
             block = todo[start:start + VECTOR_BLOCK]
             for n, vec in zip(block, embed([rows[n] for n in block])):
                 vectors[n] = vec
             bar.update(len(block))
+    if todo:
+        logger.info("embedded %d new sentences in %.1f s for the sentence side (--sentence-weight 0: none)",
+                    len(todo), time.perf_counter() - t0)
     matrix = np.asarray(vectors, dtype=np.float32).reshape(len(rows), -1)
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     return matrix / np.where(norms > 0, norms, 1.0)
