@@ -155,16 +155,19 @@ class Bm25Index:
                 if any(t not in vocab or not self.rows_with([t], 1, allowed_sources)[0]
                        for t in bm25_tokens([name], self.stem)[0])]
 
+    def source_mask(self, allowed_sources: set[str] | None):
+        """Per row, 1.0 when its source is one of `allowed_sources` (None: every row), else 0.0."""
+        import numpy as np
+
+        if allowed_sources is None:
+            return None
+        return np.fromiter((s in allowed_sources for s in self.sources), dtype=np.float32, count=len(self.sources))
+
     def rows_with(self, tokens: list[str], k: int, allowed_sources: set[str] | None) -> tuple[list[int], list[float]]:
         """(row numbers, BM25 scores) of the best `k` rows of `allowed_sources` with any of `tokens` (each one
         in the vocabulary)."""
-        import numpy as np
-
-        mask = None
-        if allowed_sources is not None:
-            mask = np.fromiter((s in allowed_sources for s in self.sources), dtype=np.float32, count=len(self.sources))
-        rows, scores = self.model.retrieve([tokens], k=min(k, len(self.ids)), show_progress=False, weight_mask=mask,
-                                           n_threads=1)
+        rows, scores = self.model.retrieve([tokens], k=min(k, len(self.ids)), show_progress=False,
+                                           weight_mask=self.source_mask(allowed_sources), n_threads=1)
         kept = [(int(r), float(sc)) for r, sc in zip(rows[0], scores[0]) if sc > 0]
         return [r for r, _ in kept], [sc for _, sc in kept]
 
@@ -181,7 +184,7 @@ class Bm25Index:
         # query's encoding) about 2x on a 2-core machine
         cosines = (torch.from_numpy(self.vectors) @ (q / (q.norm() or 1.0))).numpy()
         if allowed_sources is not None:
-            cosines[[s not in allowed_sources for s in self.sources]] = -np.inf
+            cosines[self.source_mask(allowed_sources) == 0] = -np.inf
         best: dict[str, float] = {}
         for r in np.argsort(-cosines, kind="stable"):
             if len(best) == k or cosines[r] == -np.inf:
@@ -220,20 +223,15 @@ def sentence_vectors(rows: list[str], row_ids: list[str], embed: Callable[[list[
                      previous: dict[str, Any]):
     """Each row's vector (unit length). A chunk id names its text, so the rows of a chunk in `previous`
     ({chunk id: its rows' vectors}, from the stored index) are reused and only new chunks are embedded."""
+    from collections import Counter
+
     import numpy as np
     from tqdm.auto import tqdm
 
-    counts: dict[str, int] = {}
-    for i in row_ids:
-        counts[i] = counts.get(i, 0) + 1
-    reuse = {i: v for i, v in previous.items() if len(v) == counts.get(i)}
-    todo = [n for n, i in enumerate(row_ids) if i not in reuse]
-    vectors: list[Any] = [None] * len(rows)
-    seen: dict[str, int] = {}
-    for n, i in enumerate(row_ids):
-        if i in reuse:
-            vectors[n] = reuse[i][seen.get(i, 0)]
-            seen[i] = seen.get(i, 0) + 1
+    counts = Counter(row_ids)
+    reused = {i: iter(v) for i, v in previous.items() if len(v) == counts[i]}  # a chunk's rows, in order
+    vectors: list[Any] = [next(reused[i]) if i in reused else None for i in row_ids]
+    todo = [n for n, i in enumerate(row_ids) if i not in reused]
     t0 = time.perf_counter()
     with tqdm(total=len(todo), unit="sentence", desc="embedding sentences", disable=None if todo else True) as bar:
         for start in range(0, len(todo), VECTOR_BLOCK):
@@ -275,10 +273,10 @@ def build_bm25(collection, stem: bool = True, embed: Callable[[list[str]], list[
 
 def save_bm25(index: Bm25Index, folder: Path) -> None:
     """Write the index into a temp folder beside `folder`, then swap it in: never half an index."""
+    import numpy as np
+
     tmp = temp_folder(folder)
     try:
-        import numpy as np
-
         if index.ids:
             index.model.save(str(tmp), show_progress=False)
         if index.vectors is not None:
