@@ -190,12 +190,17 @@ def open_client(persist_dir: Path, chroma_url: str | None = None, chroma_headers
     if folder.exists() and not folder.is_dir():
         raise StoreError(f"--persist-dir {str(folder)!r} is a file, not a folder; pass a folder for the index")
     if folder.is_dir() and not (folder / STORE_MARKER).is_file():
+        foreign = None
         if (folder / "chroma.sqlite3").exists():
-            raise StoreError(f"{str(folder)!r} holds a Chroma store that tunerag did not create; "
-                             "pass another --persist-dir (tunerag will not write into it)")
-        if any(not p.name.startswith(".") for p in folder.iterdir()):
-            raise StoreError(f"{str(folder)!r} is not a tunerag index (it holds other files); "
-                             "pass an empty or new folder as --persist-dir")
+            foreign = (f"{str(folder)!r} holds a Chroma store that tunerag did not create; "
+                       "pass another --persist-dir (tunerag will not write into it)")
+        elif any(not p.name.startswith(".") for p in folder.iterdir()):
+            foreign = (f"{str(folder)!r} is not a tunerag index (it holds other files); "
+                       "pass an empty or new folder as --persist-dir")
+        # tunerag writes its marker before any other file: if the marker is there now, the files just
+        # seen are another run creating this store at the same moment, not a foreign folder
+        if foreign and not (folder / STORE_MARKER).is_file():
+            raise StoreError(foreign)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / STORE_MARKER).is_file():

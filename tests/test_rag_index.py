@@ -204,6 +204,26 @@ def test_a_foreign_folder_is_refused(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing written into it
 
 
+def test_a_store_another_run_is_creating_is_not_called_foreign(tmp_path, monkeypatch):
+    """The interleaving CI hit with three runs on one new folder: this run sees no marker, then the other
+    run writes its marker and Chroma's files before this one lists the folder."""
+    other = tmp_path / "db"
+    index.open_client(other)  # what the other run leaves once it is done
+    folder = tmp_path / "new"
+    folder.mkdir()
+    listing = type(folder).iterdir
+
+    def other_run_finishes_first(path):
+        if path == folder and not (folder / index.STORE_MARKER).exists():
+            for made in other.iterdir():
+                if made.is_file():
+                    shutil.copy(made, folder / made.name)
+        return listing(path)
+
+    monkeypatch.setattr(type(folder), "iterdir", other_run_finishes_first)
+    index.open_client(folder).list_collections()
+
+
 def test_another_tools_chroma_store_is_refused(tmp_path):
     import chromadb
 
