@@ -4,7 +4,8 @@ A 135M model reads 1,000 tokens of passages badly and the right sentence or two 
 (`--context sentences`) each retrieved chunk is cut into units - sentences, and table rows or other
 long runs cut to at most MAX_UNIT_WORDS words - every unit is scored against the question (cosine of
 the embedder with the question's abbreviations spelled out, plus the share of the question's BM25 terms
-it holds, plus a little for holding a figure: score_units), and the best units are kept up to
+it holds, plus a little for holding a figure; a sentence that states a better table row's figure takes
+the row's place: score_units), and the best units are kept up to
 a token budget, each with the unit before it when it is a fragment, in document order within their
 chunk. A passage in the prompt is then one chunk's kept units; `[n]` numbers passages in rank order.
 
@@ -41,6 +42,11 @@ LEXICAL_WEIGHT = 2.0
 FIGURE_WEIGHT = 0.3
 CITATION = re.compile(r"\[(\d{1,2})\]")
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+# A figure as written: "1,233", "$1.23 billion", "9.6%" (value, scale word or "%")
+FIGURE = re.compile(r"(?<![\d.,])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?\s*(%|billion|million|thousand)?", re.IGNORECASE)
+SCALES = {"": 1, "thousand": 1e3, "million": 1e6, "billion": 1e9}
+TABLE_SCALES = (1, 1e3, 1e6)  # a table's figures are in units, thousands or millions ("(Dollars in millions)")
+CELL = " | "  # how tunerag.documents writes a table row's cells
 
 
 @dataclass
@@ -62,6 +68,43 @@ def has_figure(text: str) -> bool:
     return any(not YEAR.fullmatch(n) for n in NUMBER.findall(text))
 
 
+def figures(text: str) -> list[tuple[float, int, str]]:
+    """(value, decimals written, "%" or scale word or "") of each figure in `text`, bare years left out."""
+    out = []
+    for whole, fraction, unit in FIGURE.findall(text):
+        if not fraction and not unit and YEAR.fullmatch(whole):
+            continue
+        out.append((float(whole.replace(",", "") + fraction), len(fraction) - 1 if fraction else 0, unit.lower()))
+    return out
+
+
+def restates(cell: tuple[float, int, str], said: tuple[float, int, str]) -> bool:
+    """Whether a sentence's figure `said` ("$1.23 billion") is a table cell's figure (1,233 in a table in
+    millions) at the sentence's precision. Three significant figures at least, so "2" never restates 2,000."""
+    (value, _, cell_unit), (number, decimals, unit) = cell, said
+    if "%" in (cell_unit, unit):
+        return cell_unit == unit and value == number
+    if cell_unit or len(f"{number:.{decimals}f}".replace(".", "").lstrip("0")) < 3:
+        return value == number and decimals > 0
+    scale = SCALES[unit]
+    return any(scale >= t and round(value * t / scale, decimals) == number for t in TABLE_SCALES)
+
+
+def prefer_sentences_to_rows(units: list[Unit]) -> None:
+    """A sentence that states a figure of a better-scoring table row takes that row's score and a hair more.
+    "Noninterest income was $1.23 billion in 2023" says what "Total noninterest income | 1,233 | 1,298"
+    leaves to the column headings (which year, which unit), so it is the better evidence and the better
+    context line. Long corpus, tuning half, best unit of the hybrid top 4: 0.635 -> 0.695 of questions,
+    sample and policy unchanged."""
+    rows = sorted((u for u in units if CELL in u.text), key=lambda u: -u.score)
+    for row in rows:
+        cells = figures(row.text)
+        for unit in units:
+            if CELL not in unit.text and unit.score <= row.score and any(
+                    restates(cell, said) for said in figures(unit.text) for cell in cells):
+                unit.score = row.score + 1e-6
+
+
 def score_units(question: str, units: list[Unit], embed: Callable[[list[str]], list[list[float]]],
                 lexical_weight: float = LEXICAL_WEIGHT, figure_weight: float = 0.0, spell_out: bool = False) -> None:
     """Set each unit's score: cosine(question, unit) + lexical_weight * share of the question's terms in it
@@ -74,6 +117,7 @@ def score_units(question: str, units: list[Unit], embed: Callable[[list[str]], l
     for unit, vec, terms in zip(units, vectors[1:], bm25_tokens([f"{u.title} {u.text}" for u in units])):
         unit.score = sum(a * b for a, b in zip(q, vec)) + lexical_weight * lexical_overlap(q_terms, terms)
         unit.score += figure_weight if figure_weight and has_figure(unit.text) else 0.0
+    prefer_sentences_to_rows(units)
 
 
 def passage_units(docs: list[Any]) -> list[Unit]:

@@ -238,6 +238,31 @@ def test_the_picked_sentence_holds_a_figure_and_reads_abbreviations_spelled_out(
     assert has_figure("up 8.8% from 2022") and not has_figure("in 2023 and 2024")
 
 
+def test_a_sentence_that_states_a_table_rows_figure_is_the_evidence(minilm):
+    """The long corpus's case: the table row wins on the question's words, the sentence says which year and
+    in what unit. Only a figure the row holds, at the sentence's precision, moves the sentence up."""
+    from langchain_core.documents import Document
+
+    from rag.context import figures, restates
+
+    embed = minilm[0].embed_documents
+    row = "Total noninterest income | 1,233 | 1,298 | 1,352"
+    prose = "Noninterest income was $1.23 billion in 2023, down 5.0% from $1.30 billion in 2022."
+    other = "Noninterest expense was $2.91 billion in 2023."
+    passages = [Document(page_content=row, metadata={"title": "2023 report"}),
+                Document(page_content=f"{other} {prose}", metadata={"title": "2023 report"})]
+    question = "Halvorsen Ridge total noninterest income 2023"
+    assert best_unit(question, passages[:1] + [Document(page_content=other, metadata={"title": "2023 report"})],
+                     embed).text == row  # the row out-scores the sentences on the question's words
+    assert best_unit(question, passages, embed).text == prose
+    said = lambda row, text: any(restates(cell, fig) for cell in figures(row) for fig in figures(text))
+    assert said("Provision for credit losses | 412 | 188", "was $412 million in 2023")
+    assert said("High-quality liquid assets | 18,400 | 16,100", "averaged $18.4 billion")
+    assert said("Diluted earnings per share | 1.86 | 2.30", "were $1.86, down") and said("Ratio | 9.6% | 9.8%", "was 9.6%")
+    assert not said("Ratio | 9.6 | 9.8", "was 9.6%") and not said("Loans | 2,000 | 3", "2 billion")
+    assert not said("Branches | 12 | 14", "12 states") and not said("Year | 2024 | 2023", "in 2024")
+
+
 def test_extractive_answer_from_the_command_line(tmp_path, sample_doc):
     run = subprocess.run([sys.executable, "-m", "rag.cli", "--file", str(sample_doc), "--persist-dir",
                           str(tmp_path / "db"), "--answer", "extractive", "--json", "-q",
