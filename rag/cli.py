@@ -235,7 +235,7 @@ class Answerer:
         self.model, self.tokenizer = model, tokenizer
         llm, self.stop = make_llm(model, tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                   decode_threads=cfg.decode_threads, prefill_model=prefill_model,
-                                  lookup_tokens=cfg.lookup_tokens)
+                                  lookup_tokens=cfg.lookup_tokens, quote=cfg.answer == "quote")
         window = context_window(model, tokenizer)
         if window <= cfg.max_new_tokens + 64:
             raise TuneragError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in this LLM's "

@@ -44,7 +44,7 @@ class RagEvalConfig:
     min_support: float = field(default=rag_default("min_support"), metadata={"help": "As rag.cli --min-support."})
     context: str = field(default=rag_default("context"), metadata={"help": "As rag.cli --context."})
     context_tokens: int = field(default=rag_default("context_tokens"), metadata={"help": "As rag.cli --context-tokens."})
-    answer: str = field(default="llm", metadata={"help": "As rag.cli --answer."})
+    answer: str = field(default=rag_default("answer"), metadata={"help": "As rag.cli --answer."})
     seed: int = field(default=0, metadata={"help": "Seed (decoding is greedy)."})
 
     def rag_config(self, **overrides) -> RagConfig:
@@ -101,6 +101,7 @@ def bench_llm(cfg: RagEvalConfig, spec: str, embedder: str, items: list[dict], p
 
     t0 = time.perf_counter()
     answerer = Answerer(cfg.rag_config(embeddings=embedder, llm=spec, persist_dir=persist_dir), t0)
+    mode = answerer.cfg.answer  # --answer auto as resolved
     ttft, rates, matches, evidence, answers = [], [], [], [], []
     shown, declined = [], []  # the answer is in the passages the LLM read; the LLM said it does not know
     for item in items[: cfg.gen_questions]:
@@ -109,7 +110,7 @@ def bench_llm(cfg: RagEvalConfig, spec: str, embedder: str, items: list[dict], p
         t = time.perf_counter()
         marks = answerer.ask(item["question"], out, on_token=lambda _: stamps.append(time.perf_counter()))
         ttft.append(marks.get("first_token", time.perf_counter() - t))
-        if cfg.answer == "llm":
+        if mode != "extractive":
             tokens = len(answerer.tokenizer(out["result"], add_special_tokens=False)["input_ids"])
             if len(stamps) > 1 and tokens > 1:
                 rates.append((tokens - 1) / (stamps[-1] - stamps[0]))
@@ -122,8 +123,8 @@ def bench_llm(cfg: RagEvalConfig, spec: str, embedder: str, items: list[dict], p
                         "citations": out.get("citations"), "answer_in_passages": shown[-1], "declined": declined[-1]})
         logger.info("%s %s: %s | expected %s", item["id"], "ok " if matches[-1] else "no ", out["result"][:100].replace("\n", " "), item["answer"])
     return {
-        "llm": spec if cfg.answer == "llm" else "(extractive)", "embeddings": embedder, "retriever": cfg.retriever,
-        "context": cfg.context if cfg.answer == "llm" else "-", "questions": len(matches),
+        "llm": spec if mode != "extractive" else "(extractive)", "embeddings": embedder, "retriever": cfg.retriever,
+        "context": cfg.context if mode != "extractive" else "-", "answer": mode, "questions": len(matches),
         "load_s": round(answerer.timings.get("load_llm", 0.0), 3),
         "first_token_median_s": round(statistics.median(ttft), 3), "first_token_p95_s": round(percentile(ttft, 0.95), 3),
         "tokens_per_s_median": round(statistics.median(rates), 2) if rates else None,

@@ -90,6 +90,7 @@ class LocalLLM(LLM):
         with self.stop.running if self.stop is not None else nullcontext():
             for processor in self.processors:  # a new answer: per-prompt state starts again
                 getattr(processor, "reset", lambda: None)()
+                getattr(processor, "begin", lambda prompt: None)(prompt)  # rag.chain.QuoteGuard reads the prompt
             for token in self.token_ids(prompt):
                 streamer.put(token)
                 yield from self.chunks(pieces, run_manager)

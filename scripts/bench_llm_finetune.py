@@ -22,6 +22,7 @@ Trainer's end-of-training evaluation comes after that log, so both runs time the
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import resource
@@ -63,6 +64,8 @@ class BenchConfig:
                 "(default: rag.cli's)."})
     eval_context_tokens: list[int] | None = field(default=None, metadata={
         "help": "--answers: rag.cli --context-tokens of the answers, repeat to compare budgets (default: rag.cli's)."})
+    answer: list[str] = field(default_factory=lambda: ["auto"], metadata={
+        "help": "--answers: rag.cli --answer of the answers, repeat to compare them.", "choices": ["auto", "llm", "quote"]})
     data_weight: list[float] = field(default_factory=lambda: [4.0, 1.0], metadata={
         "help": "--answers: shares of grounded data and of the shipped instructions."})
     lr: float | None = field(default=None, metadata={"help": "--answers: learning rate (default: the preset's)."})
@@ -233,12 +236,12 @@ def grounded(cfg: BenchConfig) -> dict:
         sets = {"heldout": spread(heldout, cfg.eval_questions)}
         if other != corpus and cfg.foreign_questions:
             sets["foreign"] = spread(corpus_questions(other, "heldout"), cfg.foreign_questions)
-        for tokens in cfg.eval_context_tokens or [rag_default("context_tokens")]:
+        for tokens, answer in itertools.product(cfg.eval_context_tokens or [rag_default("context_tokens")], cfg.answer):
             eval_cfg = RagEvalConfig(file=corpus_files(corpus), gen_questions=10_000, max_new_tokens=48, seed=0,
-                                     context_tokens=tokens)
+                                     context_tokens=tokens, answer=answer)
             for name, items in sets.items():
                 for label, spec in (("base", train_cfg.base_model), ("tuned", str(merged))):
-                    results[f"{corpus}/{name}/{label}@{tokens}"] = in_fresh_process(
+                    results[f"{corpus}/{name}/{label}@{tokens}/{answer}"] = in_fresh_process(
                         phase_answers, eval_cfg, spec, items, workdir / "chroma")
     keys = ("answer_match", "evidence_match", "answered_when_in_passages", "declined_when_not_in_passages")
     table = {name: {k: r[k] for k in keys} | {"questions": r["questions"]} for name, r in results.items()}
@@ -247,11 +250,11 @@ def grounded(cfg: BenchConfig) -> dict:
                                                                         "perplexity_after", "train")},
               "results": table, "answers": {name: r["answers"] for name, r in results.items()},
               "seconds": round(time.perf_counter() - t0, 1)}
-    print(f"{'corpus/questions/model@tokens':<32} {'n':>4} {'answer':>7} {'evidence':>9} {'answered':>9} "
+    print(f"{'corpus/questions/model@tokens/answer':<40} {'n':>4} {'answer':>7} {'evidence':>9} {'answered':>9} "
           f"{'declined':>9}", file=sys.stderr)
     for name, row in table.items():
         cells = [f"{row[k]:.3f}" if row[k] is not None else "-" for k in keys]
-        print(f"{name:<32} {row['questions']:>4} {cells[0]:>7} {cells[1]:>9} {cells[2]:>9} {cells[3]:>9}",
+        print(f"{name:<40} {row['questions']:>4} {cells[0]:>7} {cells[1]:>9} {cells[2]:>9} {cells[3]:>9}",
               file=sys.stderr)
     print(json.dumps(report, default=str))
     return report

@@ -47,7 +47,8 @@ class BenchRagConfig:
         "help": "Retrievers to score for answer-in-top-k (repeat)."})
     configs: list[str] = field(default_factory=lambda: ["hybrid/sentences", "hybrid/sentences@float32", "hybrid/chunks",
                                                         "dense/chunks@float32", "hybrid/extractive"], metadata={
-        "help": "Answer configurations RETRIEVER/CONTEXT[@DTYPE] or RETRIEVER/extractive (repeat); dense/chunks@float32 "
+        "help": "Answer configurations RETRIEVER/CONTEXT[+quote][@DTYPE] or RETRIEVER/extractive (repeat; +quote: "
+                "--answer quote); dense/chunks@float32 "
                 "is the old path, @float32 beside the default (auto: bfloat16 where the CPU has it) checks the fast path."})
     embeddings: str = field(default=MINILM, metadata={"help": "Embedder."})
     llm: str = field(default=SMOLLM2, metadata={"help": "LLM."})
@@ -176,8 +177,10 @@ def main(cfg: BenchRagConfig) -> dict:
                 retrieval.append(bench_embedder(replace(base, retriever=retriever), cfg.embeddings, items, store))
             for config in cfg.configs:
                 config, _, dtype = config.partition("@")
+                config, _, quote = config.partition("+")
                 retriever, _, mode = config.partition("/")
-                run = replace(base, retriever=retriever, answer="extractive" if mode == "extractive" else "llm",
+                answer = "extractive" if mode == "extractive" else "quote" if quote == "quote" else "llm"
+                run = replace(base, retriever=retriever, answer=answer,
                               context=mode if mode != "extractive" else "sentences", dtype=dtype or "auto")
                 generation.append({**bench_llm(run, cfg.llm, cfg.embeddings, items, store), "dtype": run.dtype})
         results[corpus] = {"questions": len(items), "retrieval": retrieval, "generation": generation}
@@ -202,7 +205,8 @@ def print_table(results: dict[str, dict]) -> None:
         print(f"{'answer config':<22} {'n':>4} {'answer':>7} {'evidence':>8} {'TTFT med':>9} {'tok/s':>6}", file=err)
         for g in r["generation"]:
             rate = f"{g['tokens_per_s_median']:.1f}" if g["tokens_per_s_median"] else "-"
-            label = f"{g['retriever']}/{g['context'] if g['llm'] != '(extractive)' else 'extractive'} {g['dtype']}"
+            label = f"{g['retriever']}/{g['context'] if g['llm'] != '(extractive)' else 'extractive'}"
+            label += f"{'+quote' if g.get('answer') == 'quote' else ''} {g['dtype']}"
             print(f"{label:<22} {g['questions']:>4} {g['answer_match']:>7.3f} {g['evidence_match']:>8.3f} "
                   f"{g['first_token_median_s']:>9.2f} {rate:>6}", file=err)
 

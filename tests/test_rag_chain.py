@@ -226,3 +226,68 @@ def test_the_number_guard_keeps_figures_to_the_prompts_and_punctuation_free(whic
     assert allowed_after("Revenue rose 6.8") == ".,"  # 6.8 is complete: punctuation, no digit (no 6.85)
     assert allowed_after("It was 8.64,") == ".,"  # a figure ended by a comma gets no digit glued on
     assert allowed_after("It rose in 2025.") == ".,"
+
+
+# ---- --answer quote ----
+
+def test_a_quote_is_one_of_the_passages_sentences_whole(mistral_tokenizer):
+    from rag.chain import NO_ANSWER, joined_fragments, quotes_of
+
+    history = [("What was the CET1 ratio?", "The CET1 ratio was 11.4% [1].")]
+    prompt = render_prompt(mistral_tokenizer, docs("PART II. " + PASSAGES[2] + " " + PASSAGES[0], PASSAGES[3],
+                                                   "Liquidity risk."), "Who bought it?", history)
+    quotes = quotes_of(prompt)
+    # the heading goes with the sentence after it; a passage that is a heading alone gives no quote; the
+    # history's answer is not a passage's; "I don't know" is not offered
+    assert quotes == [f"PART II. {PASSAGES[2]}", f"PART II. {PASSAGES[2]} [1]", PASSAGES[0], f"{PASSAGES[0]} [1]",
+                      PASSAGES[3], f"{PASSAGES[3]} [2]"]
+    assert quotes_of(render_prompt(mistral_tokenizer, docs("14."), "Who?")) == [NO_ANSWER]  # nothing to quote
+    assert quotes_of("<s>[INST] Revenue? [/INST]") == []  # no passages: nothing to hold the answer to
+    assert joined_fragments(["Net income rose 13.0% to $2.117 billion.", "See Note 14."]) == [
+        "Net income rose 13.0% to $2.117 billion. See Note 14."]  # the last fragment joins the one before
+
+
+@pytest.mark.parametrize("lookup_tokens", [0, 10])
+def test_the_quote_guard_makes_the_answer_a_whole_sentence_of_a_passage(tiny_mistral, mistral_tokenizer,
+                                                                         lookup_tokens):
+    """The tiny model is random: left alone it writes noise; steered, every answer is a quote, ended where
+    the sentence (or its citation) ends."""
+    from transformers import AutoModelForCausalLM
+
+    from rag.chain import make_llm, quotes_of
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral)
+    free, _ = make_llm(model, mistral_tokenizer, max_new_tokens=60, grounded_numbers=False)
+    quoting, _ = make_llm(model, mistral_tokenizer, max_new_tokens=60, quote=True, lookup_tokens=lookup_tokens)
+    for question, passages in [("What was the CET1 ratio?", PASSAGES[:2]), ("Who bought the subsidiary?", PASSAGES[2:]),
+                               ("Net income?", PASSAGES[1:2])]:
+        prompt = render_prompt(mistral_tokenizer, docs(*passages), question)
+        assert "".join(free.stream(prompt)).strip() not in quotes_of(prompt)
+        assert "".join(quoting.stream(prompt)).strip() in quotes_of(prompt)
+
+
+def test_the_quote_guard_allows_what_continues_a_quote_and_the_end_where_one_ends(mistral_tokenizer):
+    import torch
+
+    from rag.chain import QuoteGuard
+
+    eos = mistral_tokenizer.eos_token_id
+    guard = QuoteGuard(mistral_tokenizer, [eos])
+    prompt = render_prompt(mistral_tokenizer, docs(PASSAGES[0]), "CET1?")
+    guard.begin(prompt)
+    prompt_ids = mistral_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def allowed_after(answer: str) -> set[int]:
+        written = mistral_tokenizer(answer, add_special_tokens=False)["input_ids"] if answer else []
+        if not written:
+            guard.begin(prompt)
+        scores = guard(torch.tensor([prompt_ids + written]), torch.zeros(1, len(mistral_tokenizer)))
+        return set((scores[0] > float("-inf")).nonzero()[:, 0].tolist())
+
+    def first_token(text: str) -> int:
+        return mistral_tokenizer(text, add_special_tokens=False)["input_ids"][0]
+
+    assert allowed_after("") == {first_token(PASSAGES[0])}
+    assert allowed_after(PASSAGES[0]) == {eos, mistral_tokenizer(f"{PASSAGES[0]} [1]", add_special_tokens=False)[
+        "input_ids"][len(mistral_tokenizer(PASSAGES[0], add_special_tokens=False)["input_ids"])]}
+    assert allowed_after(f"{PASSAGES[0]} [1]") == {eos}

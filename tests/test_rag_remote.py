@@ -329,3 +329,8 @@ def test_bench_serve_explains_its_flags():
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "--clients" in run.stdout and "--llm-url" in run.stdout
+
+
+def test_a_quote_answer_needs_a_local_llm():
+    with pytest.raises(ValueError, match="--answer quote steers a local --llm"):
+        RagConfig(file=[Path("x")], llm_url="http://127.0.0.1:8000/v1", answer="quote")
