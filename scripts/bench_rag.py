@@ -202,12 +202,12 @@ def print_table(results: dict[str, dict]) -> None:
             print(f"{x['retriever']:<10} {x['recall@1']:>6.3f} {x['recall@2']:>6.3f} {x['recall@4']:>6.3f} "
                   f"{x['recall@8']:>6.3f} {x['retrieval_median_ms']:>7.1f} {x['retrieval_p95_ms']:>7.1f} "
                   f"{x['index_build_s']:>8.2f} {x['chunks']:>6}", file=err)
-        print(f"{'answer config':<22} {'n':>4} {'answer':>7} {'evidence':>8} {'TTFT med':>9} {'tok/s':>6}", file=err)
+        print(f"{'answer config':<28} {'n':>4} {'answer':>7} {'evidence':>8} {'TTFT med':>9} {'tok/s':>6}", file=err)
         for g in r["generation"]:
             rate = f"{g['tokens_per_s_median']:.1f}" if g["tokens_per_s_median"] else "-"
             label = f"{g['retriever']}/{g['context'] if g['llm'] != '(extractive)' else 'extractive'}"
             label += f"{'+quote' if g.get('answer') == 'quote' else ''} {g['dtype']}"
-            print(f"{label:<22} {g['questions']:>4} {g['answer_match']:>7.3f} {g['evidence_match']:>8.3f} "
+            print(f"{label:<28} {g['questions']:>4} {g['answer_match']:>7.3f} {g['evidence_match']:>8.3f} "
                   f"{g['first_token_median_s']:>9.2f} {rate:>6}", file=err)
 
 
