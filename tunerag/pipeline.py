@@ -64,7 +64,9 @@ class PipelineConfig:
     llm_max_steps: int = field(default=0, metadata={"help": "Cap the LLM fine-tune's steps (0: the preset's)."})
     # both by default: in scripts/bench_llm_finetune.py --answers --no-qa-tune (README; this pipeline's recipe,
     # generated questions only) the grounded fine-tune, mixed 4:1 with the instructions, raised held-out answer
-    # match from 0.275 to 0.475 (long corpus) and 0.300 to 0.500 (policies), and tied the base on the sample (0.606)
+    # match from 0.275 to 0.475 (long corpus) and 0.300 to 0.500 (policies), and tied the base on the sample (0.606),
+    # all in the LLM's own words (--answer llm); under rag.cli's quoted answer (the default since) it adds little
+    # (session 16: +0.000 / +0.000 / +0.025, README)
     llm_data: Literal["instructions", "grounded", "both"] = field(default="both", metadata={
         "help": "What the LLM is fine-tuned on: instructions (--instructions), grounded (rag.raft data from --docs: "
                 "answers quoted from retrieved passages, with citations), or both mixed (4:1, the default: best "
