@@ -44,12 +44,17 @@ def is_no_answer(text: str) -> bool:
 ANSWER_STYLE = "Answer by copying, word for word, the sentence of the passages that answers the question."
 
 
+# Where the passages begin and end in a user message (quotes_of reads them back out of the prompt)
+PASSAGES_HEADING = "\nPassages:\n"
+QUESTION_AGAIN = "\n\nQuestion: "
+
+
 def user_message(passages: list[Any], question: str) -> str:
     context = "\n\n".join(f"[{i}] {doc.page_content.strip()}" for i, doc in enumerate(passages, 1)) or "(no passages)"
     # The question before and after the passages, and a length hint: a 135M model loses a question
     # asked only once at the top of ~1,000 tokens, and rambles without the hint.
     question = question.strip()
-    return f"Question: {question}\n\nPassages:\n{context}\n\nQuestion: {question}\n{ANSWER_STYLE}"
+    return f"Question: {question}\n{PASSAGES_HEADING}{context}{QUESTION_AGAIN}{question}\n{ANSWER_STYLE}"
 
 
 FOLLOWUP_START = ("and ", "what about", "how about", "what of", "also", "then", "same ", "its ", "it ", "they ",
@@ -221,6 +226,14 @@ class StopFlag:
             self.running.release()
 
 
+def keep_only(scores, token_ids: list[int]):
+    """`scores` with every token but `token_ids` set to -inf, in place (a logits processor's last step)."""
+    saved = scores[:, token_ids].clone()
+    scores[:, :] = float("-inf")
+    scores[:, token_ids] = saved
+    return scores
+
+
 class NumberGuard:
     """A logits processor that lets the LLM write only figures that are in its prompt: while it is
     writing a number, the next digit or separator must keep that number a prefix of a number in the
@@ -269,11 +282,7 @@ class NumberGuard:
         if current in self.numbers:
             allowed |= {".", ","}  # the figure is complete: punctuation may follow it
         elif allowed:  # mid-number: it must go on to a real one
-            keep = [self.char_ids[c] for c in allowed]
-            saved = scores[:, keep].clone()
-            scores[:, :] = float("-inf")
-            scores[:, keep] = saved
-            return scores
+            return keep_only(scores, [self.char_ids[c] for c in allowed])
         scores[:, [i for c, i in self.char_ids.items() if c not in allowed] + self.multi_digit] = float("-inf")
         return scores
 
@@ -310,11 +319,7 @@ class QuoteGuard:
         allowed = {q[len(written)] for q in going_on if len(q) > len(written)}
         if not allowed or any(len(q) == len(written) for q in going_on):
             allowed |= set(self.eos_token_ids)
-        keep = sorted(allowed)
-        saved = scores[:, keep].clone()
-        scores[:, :] = float("-inf")
-        scores[:, keep] = saved
-        return scores
+        return keep_only(scores, sorted(allowed))
 
 
 PASSAGE_START = re.compile(r"^\[(\d+)\] ", re.M)
@@ -342,10 +347,10 @@ def quotes_of(prompt: str) -> list[str]:
     target); NO_ANSWER alone when the passages hold no sentence; none for a prompt without passages."""
     from rag.retrieve import split_units
 
-    start, end = prompt.rfind("\nPassages:\n"), prompt.rfind("\n\nQuestion: ")
+    start, end = prompt.rfind(PASSAGES_HEADING), prompt.rfind(QUESTION_AGAIN)
     if start < 0 or end < start:
         return []
-    region = prompt[start + len("\nPassages:\n"):end]
+    region = prompt[start + len(PASSAGES_HEADING):end]
     marks = list(PASSAGE_START.finditer(region))
     quotes = []
     for mark, after in zip(marks, marks[1:] + [None]):

@@ -139,6 +139,8 @@ class RagConfig:
         if self.lookup_tokens < 0:
             raise ValueError(f"--lookup-tokens must be >= 0 (got {self.lookup_tokens})")
         self.persist_dir = Path(self.persist_dir)
+        if self.answer == "auto":  # a server writes free text; a local LLM can be steered to quote
+            self.answer = "llm" if self.llm_url is not None else "quote"
         self.check_servers()
 
     def check_servers(self) -> None:
@@ -149,8 +151,6 @@ class RagConfig:
             raise ValueError("--chroma-header is sent to a --chroma-url server; pass --chroma-url too")
         if self.llm_model is not None and self.llm_url is None:
             raise ValueError("--llm-model names a model of the --llm-url server; pass --llm-url too")
-        if self.answer == "auto":
-            self.answer = "llm" if self.llm_url is not None else "quote"
         if self.answer == "quote" and self.llm_url is not None:
             raise ValueError("--answer quote steers a local --llm token by token; a --llm-url server writes free text "
                              "(use --answer llm there)")
