@@ -289,7 +289,7 @@ class NumberGuard:
 
 class QuoteGuard:
     """A logits processor that makes the answer a quote (--answer quote): one sentence or table row of the
-    prompt's passages (rag.retrieve.split_units; a heading or list number joined to the line after it),
+    prompt's passages (rag.retrieve.whole_units: a heading or list number joined to the line after it),
     word for word and whole, then its passage's "[n]" or not (quotes_of). The LLM still chooses which,
     greedily, token by token among the quotes that begin with what it has written so far, and the answer
     ends where that quote ends. SmolLM2-135M asked to copy the answering sentence otherwise often repeats
@@ -325,27 +325,13 @@ class QuoteGuard:
 PASSAGE_START = re.compile(r"^\[(\d+)\] ", re.M)
 
 
-def joined_fragments(units: list[str], min_words: int = 6) -> list[str]:
-    """`units` with each one shorter than `min_words` words ("PART II.", "14.", "Liquidity risk.") joined to the
-    unit after it (the last to the one before): a heading or a list number is never a whole answer (SmolLM2
-    chose such short lines as its quote: their few tokens are likely)."""
-    out: list[str] = []
-    pending = ""
-    for unit in units:
-        unit = f"{pending} {unit}".strip()
-        pending = unit if len(unit.split()) < min_words else ""
-        if not pending:
-            out.append(unit)
-    if pending and out:
-        out[-1] = f"{out[-1]} {pending}"
-    return out  # a passage of fragments alone ("PART II.") gives none
-
-
 def quotes_of(prompt: str) -> list[str]:
     """What --answer quote may answer from `prompt` (user_message's layout): each sentence or table row of
-    its passages (joined_fragments), alone or with its passage's citation ("... 2022. [2]", rag.raft's
-    target); NO_ANSWER alone when the passages hold no sentence; none for a prompt without passages."""
-    from rag.retrieve import split_units
+    its passages (rag.retrieve.whole_units: a heading or list number joined to the line after it), alone or
+    with its passage's citation ("... 2022. [2]", rag.raft's target); NO_ANSWER alone when the passages hold
+    no sentence; none for a prompt without passages. A passage that is one fragment ("PART II.") gives no
+    quote: SmolLM2 chose such short lines (their few tokens are likely), and a heading is never an answer."""
+    from rag.retrieve import FRAGMENT_WORDS, whole_units
 
     start, end = prompt.rfind(PASSAGES_HEADING), prompt.rfind(QUESTION_AGAIN)
     if start < 0 or end < start:
@@ -355,8 +341,9 @@ def quotes_of(prompt: str) -> list[str]:
     quotes = []
     for mark, after in zip(marks, marks[1:] + [None]):
         text = region[mark.end():after.start() if after else len(region)]
-        for sentence in joined_fragments([" ".join(text[s:e].split()) for s, e in split_units(text)]):
-            quotes += [sentence, f"{sentence} [{mark.group(1)}]"]
+        for sentence in (" ".join(text[s:e].split()) for s, e in whole_units(text)):
+            if len(sentence.split()) >= FRAGMENT_WORDS:
+                quotes += [sentence, f"{sentence} [{mark.group(1)}]"]
     return quotes or [NO_ANSWER]
 
 

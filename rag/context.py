@@ -2,12 +2,12 @@
 
 A 135M model reads 1,000 tokens of passages badly and the right sentence or two well. So
 (`--context sentences`) each retrieved chunk is cut into units - sentences, and table rows or other
-long runs cut to at most MAX_UNIT_WORDS words - every unit is scored against the question (cosine of
+long runs cut to at most MAX_UNIT_WORDS words, a heading or caption read on over what follows it
+(passage_units) - every unit is scored against the question (cosine of
 the embedder with the question's abbreviations spelled out, plus the share of the question's BM25 terms
 it holds, plus a little for holding a figure; a sentence that states a better table row's figure takes
-the row's place: score_units), and the best units are kept up to
-a token budget, each with the unit before it when it is a fragment, in document order within their
-chunk. A passage in the prompt is then one chunk's kept units; `[n]` numbers passages in rank order.
+the row's place: score_units), and the best units are kept up to a token budget, in document order
+within their chunk. A passage in the prompt is then one chunk's kept units; `[n]` numbers passages in rank order.
 
 After the answer, `evidence` is the unit of those passages that best supports it (the answer's numbers
 and words, then the question; a unit holding a figure and the question's abbreviations spelled out count,
@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from rag.abbreviations import defined_in, spelled_out
-from rag.retrieve import YEAR, bm25_tokens, split_units
+from rag.retrieve import FRAGMENT_WORDS, NAME, YEAR, bm25_tokens, split_units
 
-FRAGMENT_WORDS = 6  # a unit this short gets the unit before it, so it reads as a sentence
 # Weight of the question-term share against the embedder's cosine. Picking one sentence (the extractive
 # answer, the evidence): the best sentence of the hybrid top 4 held the answer for 0.611 of the tuning
 # halves' questions (mean of sample, long, policy) at 0.5, 0.627 at 1.5, 0.633 at 2.0, 0.627 at 3.0.
@@ -40,8 +39,16 @@ LEXICAL_WEIGHT = 2.0
 # 0.606 / 0.551 / 0.741 before, 0.606 / 0.593 / 0.765 at 0.2 and 0.606 / 0.593 / 0.788 at 0.3 (FINANCE's
 # abbreviations only), 0.606 / 0.593 / 0.800 at 0.3 as built (scripts/bench_rag.py --split tune).
 FIGURE_WEIGHT = 0.3
+WHO = re.compile(r"^\W*(?:who|whom|whose)\b", re.IGNORECASE)  # a question whose answer is a name, not a figure
 CITATION = re.compile(r"\[(\d{1,2})\]")
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+# A number that labels rather than measures: a clause's own number at the start of its line ("13.3 A breach
+# of any limit..."), a reference ("Table 16", "Note 7", "Item 7A", "section 4.2") or a grade on a scale
+# ("Risk Grade 6", "Tier 2 Models", "Stage 1"). Such a unit holds no figure (a caption or a clause that
+# mentions a table otherwise took the figure weight from the row that answers).
+LABEL = re.compile(r"^\s*\(?\d+(?:\.\d+)*[.)]?(?=\s)|\b(?:tables?|notes?|items?|parts?|sections?|articles?|clauses?|"
+                   r"chapters?|schedules?|appendix|exhibits?|figures?|pages?|paragraphs?|stages?|tiers?|levels?|grades?)"
+                   r"\s+\d+(?:\.\d+)*[A-Za-z]?\b", re.IGNORECASE)
 # A figure as written: "1,233", "$1.23 billion", "9.6%" (value, scale word or "%")
 FIGURE = re.compile(r"(?<![\d.,])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?\s*(%|billion|million|thousand)?", re.IGNORECASE)
 SCALES = {"": 1, "thousand": 1e3, "million": 1e6, "billion": 1e9}
@@ -57,6 +64,7 @@ class Unit:
     text: str
     score: float = 0.0
     title: str = ""  # its document's title (rag.index.document_title): the year or filing the unit is from
+    head: str = ""  # a fragment's own words, which it is scored on; `text` then runs on over the unit after it
 
 
 def lexical_overlap(question_terms: set[str], unit_terms: list[str]) -> float:
@@ -64,8 +72,8 @@ def lexical_overlap(question_terms: set[str], unit_terms: list[str]) -> float:
 
 
 def has_figure(text: str) -> bool:
-    """Whether `text` holds a number other than a bare year."""
-    return any(not YEAR.fullmatch(n) for n in NUMBER.findall(text))
+    """Whether `text` holds a number other than a bare year or a label (LABEL)."""
+    return any(not YEAR.fullmatch(n) for n in NUMBER.findall(LABEL.sub(" ", text)))
 
 
 def figures(text: str) -> list[tuple[float, int, str]]:
@@ -76,6 +84,14 @@ def figures(text: str) -> list[tuple[float, int, str]]:
             continue
         out.append((float(whole.replace(",", "") + fraction), len(fraction) - 1 if fraction else 0, unit.lower()))
     return out
+
+
+def has_new_name(text: str, question: str, common: set[str]) -> bool:
+    """Whether `text` holds a proper name (NAME) the question does not: one with a word that is never written
+    in lower case in the passages (`common`), so "Rosalind Okonjo" counts and a defined term ("Material
+    Exception", "Board Risk Committee") does not."""
+    return any(name not in question and any(w.lower() not in common for w in re.findall(r"[A-Za-z]+", name))
+               for name in NAME.findall(text))
 
 
 def restates(cell: tuple[float, int, str], said: tuple[float, int, str]) -> bool:
@@ -96,37 +112,54 @@ def prefer_sentences_to_rows(units: list[Unit]) -> None:
     leaves to the column headings (which year, which unit), so it is the better evidence and the better
     context line. Long corpus, tuning half, best unit of the hybrid top 4: 0.635 -> 0.695 of questions,
     sample and policy unchanged."""
-    rows = sorted((u for u in units if CELL in u.text), key=lambda u: -u.score)
+    rows = sorted((u for u in units if CELL in (u.head or u.text)), key=lambda u: -u.score)
     for row in rows:
         cells = figures(row.text)
         for unit in units:
-            if CELL not in unit.text and unit.score <= row.score and any(
-                    restates(cell, said) for said in figures(unit.text) for cell in cells):
+            if CELL not in (unit.head or unit.text) and unit.score <= row.score and any(
+                    restates(cell, said) for said in figures(unit.head or unit.text) for cell in cells):
                 unit.score = row.score + 1e-6
 
 
 def score_units(question: str, units: list[Unit], embed: Callable[[list[str]], list[list[float]]],
                 lexical_weight: float = LEXICAL_WEIGHT, figure_weight: float = 0.0, spell_out: bool = False) -> None:
     """Set each unit's score: cosine(question, unit) + lexical_weight * share of the question's terms in it
-    + figure_weight if it holds a figure (has_figure). `spell_out`: the cosine is the question's with its
+    + figure_weight if it holds what the question asks for: a name the question lacks for "Who ...?"
+    (has_new_name), else a figure (has_figure). `spell_out`: the cosine is the question's with its
     abbreviations spelled out (rag.abbreviations; as the dense retriever reads it)."""
     asked = spelled_out(question, defined_in([u.text for u in units])) if spell_out else question
-    vectors = embed([asked] + [u.text for u in units])
+    vectors = embed([asked] + [u.head or u.text for u in units])
     q = vectors[0]
     q_terms = set(bm25_tokens([question])[0])
-    for unit, vec, terms in zip(units, vectors[1:], bm25_tokens([f"{u.title} {u.text}" for u in units])):
+    who = bool(WHO.match(question))
+    common = {w for u in units for w in re.findall(r"\b[a-z]+\b", u.text)} if who else set()
+    for unit, vec, terms in zip(units, vectors[1:], bm25_tokens([f"{u.title} {u.head or u.text}" for u in units])):
         unit.score = sum(a * b for a, b in zip(q, vec)) + lexical_weight * lexical_overlap(q_terms, terms)
-        unit.score += figure_weight if figure_weight and has_figure(unit.text) else 0.0
+        holds = has_new_name(unit.head or unit.text, question, common) if who else has_figure(unit.head or unit.text)
+        unit.score += figure_weight if figure_weight and holds else 0.0
     prefer_sentences_to_rows(units)
 
 
 def passage_units(docs: list[Any]) -> list[Unit]:
-    """The units of each passage; offsets are in the chunk's text (a cut-down passage lists its own)."""
+    """The units of each passage; offsets are in the chunk's text (a cut-down passage lists its own). A
+    fragment (fewer than FRAGMENT_WORDS words: a run-in heading "Launch of RidgeLink.", a table's caption) is
+    scored on its own words and reads on over the unit after it, so what it introduces comes with it;
+    scored on the joined words instead, a short sentence's neighbour out-scored the answer by their union
+    (sample report, tuning half: 2 of 33 extractive answers lost)."""
     units = []
     for i, d in enumerate(docs):
+        title = d.metadata.get("title", "")
         kept = d.metadata.get("units")
-        pieces = kept if kept is not None else [(s, e, d.page_content[s:e]) for s, e in split_units(d.page_content)]
-        units += [Unit(i, s, e, text, title=d.metadata.get("title", "")) for s, e, text in pieces]
+        if kept is not None:
+            units += [Unit(i, s, e, text, title=title) for s, e, text in kept]
+            continue
+        spans = split_units(d.page_content)
+        for n, (s, e) in enumerate(spans):
+            head = d.page_content[s:e]
+            if len(head.split()) < FRAGMENT_WORDS and n + 1 < len(spans):
+                units.append(Unit(i, s, spans[n + 1][1], d.page_content[s:spans[n + 1][1]], title=title, head=head))
+            else:
+                units.append(Unit(i, s, e, head, title=title))
     return units
 
 
@@ -145,18 +178,18 @@ def evidence_passages(question: str, docs: list[Any], embed, count_tokens: Calla
     kept: set[int] = set()
     used = 0
     for n in sorted(range(len(units)), key=lambda n: (not (keep and keep(units[n].text)), -units[n].score)):
-        group = [n]
-        prev = n - 1
-        if len(units[n].text.split()) < FRAGMENT_WORDS and prev >= 0 and units[prev].doc == units[n].doc:
-            group.insert(0, prev)
-        cost = sum(count_tokens(units[g].text) for g in group if g not in kept)
+        cost = count_tokens(units[n].text)
         if kept and used + cost > budget_tokens:
             continue
-        kept.update(group)
+        kept.add(n)
         used += cost
     out = []
     for i, doc in enumerate(docs):
-        mine = sorted((units[n].start, units[n].end, units[n].text) for n in kept if units[n].doc == i)
+        mine, reach = [], -1
+        for start, end, text in sorted((units[n].start, units[n].end, units[n].text) for n in kept if units[n].doc == i):
+            if end > reach:  # a fragment's unit runs on over the next one: that one is not kept twice
+                mine.append((start, end, text))
+                reach = end
         if not mine:
             continue
         best = max(units[n].score for n in kept if units[n].doc == i)

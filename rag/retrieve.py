@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 # splits "11.8%" into "11" and drops the "8".
 TOKEN_PATTERN = r"(?u)\d+(?:[.,]\d+)*|\w+"
 MAX_UNIT_WORDS = 40  # a table row or run-together line longer than this is cut into pieces
+FRAGMENT_WORDS = 6  # a unit shorter than this ("PART II.", "Table 16: Net Charge-offs", "14.") reads with the next
 # A sentence ends at . ! ? ; before a capital or a figure, but not after an abbreviation that a capital
 # often follows ("U.S. Treasury", "9:00 a.m. Central Time", "Ms. Ekdahl", "No. 2"); each lookbehind is fixed-width.
 NOT_AN_END = "".join(rf"(?<!\b{re.escape(a)})" for a in ("U.S.", "U.K.", "a.m.", "p.m.", "No.", "Nos.", "Inc.", "Co.",
@@ -95,6 +96,23 @@ def split_units(text: str) -> list[tuple[int, int]]:
             s += len(piece) - len(piece.lstrip())
             stripped.append((s, s + len(piece.strip())))
     return stripped
+
+
+def whole_units(text: str) -> list[tuple[int, int]]:
+    """split_units with each unit shorter than FRAGMENT_WORDS words joined to the unit after it (the last to
+    the one before): a run-in heading ("Launch of RidgeLink. In May 2024, we launched..."), a table's caption
+    or a clause number reads with what it introduces. A text of fragments alone gives one span of them all."""
+    spans: list[tuple[int, int]] = []
+    pending = None
+    for s, e in split_units(text):
+        s = pending if pending is not None else s
+        pending = s if len(text[s:e].split()) < FRAGMENT_WORDS else None
+        if pending is None:
+            spans.append((s, e))
+    if pending is not None:
+        end = len(text.rstrip())
+        spans[-1:] = [(spans[-1][0], end)] if spans else [(pending, end)]
+    return spans
 
 
 def cut_long(text: str, start: int, end: int) -> list[tuple[int, int]]:

@@ -231,7 +231,7 @@ def test_the_number_guard_keeps_figures_to_the_prompts_and_punctuation_free(whic
 # ---- --answer quote ----
 
 def test_a_quote_is_one_of_the_passages_sentences_whole(mistral_tokenizer):
-    from rag.chain import NO_ANSWER, joined_fragments, quotes_of
+    from rag.chain import NO_ANSWER, quotes_of
 
     history = [("What was the CET1 ratio?", "The CET1 ratio was 11.4% [1].")]
     prompt = render_prompt(mistral_tokenizer, docs("PART II. " + PASSAGES[2] + " " + PASSAGES[0], PASSAGES[3],
@@ -243,8 +243,6 @@ def test_a_quote_is_one_of_the_passages_sentences_whole(mistral_tokenizer):
                       PASSAGES[3], f"{PASSAGES[3]} [2]"]
     assert quotes_of(render_prompt(mistral_tokenizer, docs("14."), "Who?")) == [NO_ANSWER]  # nothing to quote
     assert quotes_of("<s>[INST] Revenue? [/INST]") == []  # no passages: nothing to hold the answer to
-    assert joined_fragments(["Net income rose 13.0% to $2.117 billion.", "See Note 14."]) == [
-        "Net income rose 13.0% to $2.117 billion. See Note 14."]  # the last fragment joins the one before
 
 
 @pytest.mark.parametrize("lookup_tokens", [0, 10])

@@ -18,7 +18,8 @@ from conftest import REPO
 
 from rag import index
 from rag.embedder import load_embeddings
-from rag.context import best_unit, citations, evidence_passages, evidence_record, has_figure, split_units, support
+from rag.context import best_unit, citations, evidence_passages, evidence_record, has_figure, support
+from rag.retrieve import split_units, whole_units
 from rag.config import RagConfig, rag_default
 from rag.metrics import answer_matches, recall_at_k
 from rag.retrieve import BM25_META, all_chunks, load_bm25, make_retriever, open_bm25, rrf
@@ -61,6 +62,17 @@ def test_units_cut_sentences_table_rows_and_long_runs():
     text = "The annual meeting will be held at 9:00 a.m. Central Time on April 23, 2024. U.S. Treasury yields rose."
     assert [text[s:e] for s, e in split_units(text)] == [
         "The annual meeting will be held at 9:00 a.m. Central Time on April 23, 2024.", "U.S. Treasury yields rose."]
+
+
+def test_whole_units_join_a_heading_or_caption_to_what_it_introduces():
+    text = ("Launch of RidgeLink. In May 2024, we launched RidgeLink.\nTable 16: Net Charge-offs\n\n"
+            "Commercial and industrial | 97 | 84\nNet income rose 13.0% to $2.117 billion. See Note 14.")
+    assert [text[s:e] for s, e in whole_units(text)] == [
+        "Launch of RidgeLink. In May 2024, we launched RidgeLink.",
+        "Table 16: Net Charge-offs\n\nCommercial and industrial | 97 | 84",
+        "Net income rose 13.0% to $2.117 billion. See Note 14."]  # the last fragment joins the one before
+    assert [text[s:e] for text in ["PART II.", "PART II. Item 7."] for s, e in whole_units(text)] == [
+        "PART II.", "PART II. Item 7."]  # fragments alone: one unit of them all
 
 
 def test_rrf_weights_each_side():
@@ -233,9 +245,20 @@ def test_the_picked_sentence_holds_a_figure_and_reads_abbreviations_spelled_out(
                                       "assets was 0.86%, compared with 1.10% in 2022.", metadata={"title": "2023 report"})]
     assert "$412 million" in best_unit("Halvorsen Ridge provision for credit losses 2023", passages, embed).text
     assert "0.86%" in best_unit("Halvorsen Ridge ROA for 2023?", passages, embed).text
-    assert best_unit("Halvorsen Ridge provision for credit losses 2023", passages, embed,
-                     figure_weight=0.0).text == "PROVISION FOR CREDIT LOSSES"  # what the figure weight mends
+    # the heading reads with its sentence (whole_units), so even without the figure weight it is no answer alone
+    assert "$412 million" in best_unit("Halvorsen Ridge provision for credit losses 2023", passages, embed,
+                                       figure_weight=0.0).text
+    pointer = [Document(page_content="The provision for credit losses for 2023 is discussed in Credit Quality below. "
+                                     "The provision for credit losses was $412 million in 2023.",
+                        metadata={"title": "2023 report"})]
+    assert best_unit("Halvorsen Ridge provision for credit losses 2023", pointer, embed,
+                     figure_weight=0.0).text.endswith("below.")  # what the figure weight mends
+    assert "$412 million" in best_unit("Halvorsen Ridge provision for credit losses 2023", pointer, embed).text
     assert has_figure("up 8.8% from 2022") and not has_figure("in 2023 and 2024")
+    # a clause number, a reference or a grade labels, it does not measure
+    assert not any(has_figure(t) for t in ["13.3 A breach of a limit is reported.", "Table 16: Net Charge-offs",
+                                           "See Note 7 and Item 7A.", "Tier 2 Models at Risk Grade 6"])
+    assert has_figure("Risk Grade 6 maps to 0.85% to 1.95%") and has_figure("1,233 | 1,298")
 
 
 def test_a_sentence_that_states_a_table_rows_figure_is_the_evidence(minilm):
