@@ -39,7 +39,12 @@ LEXICAL_WEIGHT = 2.0
 # 0.606 / 0.551 / 0.741 before, 0.606 / 0.593 / 0.765 at 0.2 and 0.606 / 0.593 / 0.788 at 0.3 (FINANCE's
 # abbreviations only), 0.606 / 0.593 / 0.800 at 0.3 as built (scripts/bench_rag.py --split tune).
 FIGURE_WEIGHT = 0.3
-WHO = re.compile(r"^\W*(?:who|whom|whose)\b", re.IGNORECASE)  # a question whose answer is a name, not a figure
+# What a question asks for, when not a figure: a name ("Who ...?") or a definition ("How does the policy define
+# a Connected Group?"), and how a unit that gives a definition reads ("'Structuring' means ...", a glossary's
+# "Net stable funding ratio (NSFR): The ratio of ...").
+WHO = re.compile(r"^\W*(?:who|whom|whose)\b", re.IGNORECASE)
+DEFINE = re.compile(r"\bdefine[sd]?\b|\bdefinition\b|\bwhat does\b.*\bmean\b|\bmeaning of\b", re.IGNORECASE)
+DEFINES = re.compile(r"\bmeans\b|\bis defined as\b|\brefers to\b|^[^:|]{3,80}:\s", re.IGNORECASE)
 CITATION = re.compile(r"\[(\d{1,2})\]")
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 # A number that labels rather than measures: a clause's own number at the start of its line ("13.3 A breach
@@ -87,11 +92,26 @@ def figures(text: str) -> list[tuple[float, int, str]]:
 
 
 def has_new_name(text: str, question: str, common: set[str]) -> bool:
-    """Whether `text` holds a proper name (NAME) the question does not: one with a word that is never written
-    in lower case in the passages (`common`), so "Rosalind Okonjo" counts and a defined term ("Material
-    Exception", "Board Risk Committee") does not."""
-    return any(name not in question and any(w.lower() not in common for w in re.findall(r"[A-Za-z]+", name))
+    """Whether `text` holds a proper name (NAME) the question does not: one whose words are never written in
+    lower case in the passages (`common`), so "Rosalind Okonjo" counts and a title or defined term ("Chief
+    Credit Officer", "Material Exception") does not."""
+    return any(name not in question and all(w.lower() not in common for w in re.findall(r"[A-Za-z]+", name))
                for name in NAME.findall(text))
+
+
+def asks_for(question: str) -> str:
+    """What kind of answer `question` wants: "name" (Who ...?), "definition" (How does it define ...?) or
+    "figure" (the rest: most questions about a filing ask for one)."""
+    return "name" if WHO.match(question) else "definition" if DEFINE.search(question) else "figure"
+
+
+def holds_answer_kind(kind: str, text: str, question: str, common: set[str]) -> bool:
+    """Whether a unit's `text` holds an answer of `kind` (asks_for); `common`: see has_new_name."""
+    if kind == "name":
+        return has_new_name(text, question, common)
+    if kind == "definition":
+        return bool(DEFINES.search(LABEL.sub("", text)))
+    return has_figure(text)
 
 
 def restates(cell: tuple[float, int, str], said: tuple[float, int, str]) -> bool:
@@ -124,19 +144,19 @@ def prefer_sentences_to_rows(units: list[Unit]) -> None:
 def score_units(question: str, units: list[Unit], embed: Callable[[list[str]], list[list[float]]],
                 lexical_weight: float = LEXICAL_WEIGHT, figure_weight: float = 0.0, spell_out: bool = False) -> None:
     """Set each unit's score: cosine(question, unit) + lexical_weight * share of the question's terms in it
-    + figure_weight if it holds what the question asks for: a name the question lacks for "Who ...?"
-    (has_new_name), else a figure (has_figure). `spell_out`: the cosine is the question's with its
-    abbreviations spelled out (rag.abbreviations; as the dense retriever reads it)."""
+    + figure_weight if it holds what the question asks for (asks_for, holds_answer_kind). `spell_out`: the
+    cosine is the question's with its abbreviations spelled out (rag.abbreviations; as the dense retriever
+    reads it)."""
     asked = spelled_out(question, defined_in([u.text for u in units])) if spell_out else question
     vectors = embed([asked] + [u.head or u.text for u in units])
     q = vectors[0]
     q_terms = set(bm25_tokens([question])[0])
-    who = bool(WHO.match(question))
-    common = {w for u in units for w in re.findall(r"\b[a-z]+\b", u.text)} if who else set()
+    kind = asks_for(question)
+    common = {w for u in units for w in re.findall(r"\b[a-z]+\b", u.text)} if kind == "name" else set()
     for unit, vec, terms in zip(units, vectors[1:], bm25_tokens([f"{u.title} {u.head or u.text}" for u in units])):
         unit.score = sum(a * b for a, b in zip(q, vec)) + lexical_weight * lexical_overlap(q_terms, terms)
-        holds = has_new_name(unit.head or unit.text, question, common) if who else has_figure(unit.head or unit.text)
-        unit.score += figure_weight if figure_weight and holds else 0.0
+        if figure_weight and holds_answer_kind(kind, unit.head or unit.text, question, common):
+            unit.score += figure_weight
     prefer_sentences_to_rows(units)
 
 

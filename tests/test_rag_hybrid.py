@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -259,6 +260,24 @@ def test_the_picked_sentence_holds_a_figure_and_reads_abbreviations_spelled_out(
     assert not any(has_figure(t) for t in ["13.3 A breach of a limit is reported.", "Table 16: Net Charge-offs",
                                            "See Note 7 and Item 7A.", "Tier 2 Models at Risk Grade 6"])
     assert has_figure("Risk Grade 6 maps to 0.85% to 1.95%") and has_figure("1,233 | 1,298")
+
+
+def test_a_unit_is_weighted_for_the_kind_of_answer_the_question_asks_for():
+    from rag.context import asks_for, holds_answer_kind
+
+    assert [asks_for(q) for q in ["Who is the Group Treasurer?", "How does the AML policy define Structuring?",
+                                  "NSFR definition?", "When did it sign the definitive agreement?"]] == [
+        "name", "definition", "definition", "figure"]
+    question = "Who is the owner of the Credit Risk Policy?"
+    passages = ["1.5 The owner of this policy is the Chief Credit Officer, currently Miriam Achterberg.",
+                "Policy Owner | Chief Credit Officer", "The chief credit officer reports to the risk officer."]
+    common = {w for text in passages for w in re.findall(r"\b[a-z]+\b", text)}
+    # a person's name counts; a title written in lower case elsewhere does not
+    assert [holds_answer_kind("name", t, question, common) for t in passages] == [True, False, False]
+    assert holds_answer_kind("definition", "2.9 'Structuring' means the deliberate splitting of cash.", "", set())
+    assert holds_answer_kind("definition", "Net stable funding ratio (NSFR): The ratio of available funding.", "", set())
+    assert not holds_answer_kind("definition", "7.3 Any pattern of cash transactions below $12,500 is reported.", "",
+                                 set())
 
 
 def test_a_sentence_that_states_a_table_rows_figure_is_the_evidence(minilm):
