@@ -3,11 +3,12 @@
 A 135M model reads 1,000 tokens of passages badly and the right sentence or two well. So
 (`--context sentences`) each retrieved chunk is cut into units - sentences, and table rows or other
 long runs cut to at most MAX_UNIT_WORDS words, a heading or caption read on over what follows it
-(passage_units) - every unit is scored against the question (cosine of
-the embedder with the question's abbreviations spelled out, plus the share of the question's BM25 terms
-it holds, plus a little for holding a figure; a sentence that states a better table row's figure takes
-the row's place: score_units), and the best units are kept up to a token budget, in document order
-within their chunk. A passage in the prompt is then one chunk's kept units; `[n]` numbers passages in rank order.
+(passage_units) - every unit is scored against the question (cosine of the embedder with the question's
+abbreviations spelled out, plus the share of the question's BM25 terms it holds, plus a little for holding
+the kind of answer asked for: a figure, or a name or a definition (asks_for); a sentence that states a
+better table row's figure takes the row's place: score_units), and the best units are kept up to a token
+budget, in document order within their chunk. A passage in the prompt is then one chunk's kept units;
+`[n]` numbers passages in rank order.
 
 After the answer, `evidence` is the unit of those passages that best supports it (the answer's numbers
 and words, then the question; a unit holding a figure and the question's abbreviations spelled out count,
@@ -51,9 +52,9 @@ NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 # of any limit..."), a reference ("Table 16", "Note 7", "Item 7A", "section 4.2") or a grade on a scale
 # ("Risk Grade 6", "Tier 2 Models", "Stage 1"). Such a unit holds no figure (a caption or a clause that
 # mentions a table otherwise took the figure weight from the row that answers).
-LABEL = re.compile(r"^\s*\(?\d+(?:\.\d+)*[.)]?(?=\s)|\b(?:tables?|notes?|items?|parts?|sections?|articles?|clauses?|"
-                   r"chapters?|schedules?|appendix|exhibits?|figures?|pages?|paragraphs?|stages?|tiers?|levels?|grades?)"
-                   r"\s+\d+(?:\.\d+)*[A-Za-z]?\b", re.IGNORECASE)
+LABEL = re.compile(r"^\s*\(?\d+(?:\.\d+)*[.)]?(?=\s)|\b(?:tables?|notes?|items?|parts?|sections?|articles?|"
+                   r"clauses?|chapters?|schedules?|appendix|exhibits?|figures?|pages?|paragraphs?|stages?|tiers?|"
+                   r"levels?|grades?)\s+\d+(?:\.\d+)*[A-Za-z]?\b", re.IGNORECASE)
 # A figure as written: "1,233", "$1.23 billion", "9.6%" (value, scale word or "%")
 FIGURE = re.compile(r"(?<![\d.,])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?\s*(%|billion|million|thousand)?", re.IGNORECASE)
 SCALES = {"": 1, "thousand": 1e3, "million": 1e6, "billion": 1e9}
@@ -206,7 +207,7 @@ def evidence_passages(question: str, docs: list[Any], embed, count_tokens: Calla
     out = []
     for i, doc in enumerate(docs):
         mine, reach = [], -1
-        for start, end, text in sorted((units[n].start, units[n].end, units[n].text) for n in kept if units[n].doc == i):
+        for start, end, text in sorted((u.start, u.end, u.text) for u in (units[n] for n in kept) if u.doc == i):
             if end > reach:  # a fragment's unit runs on over the next one: that one is not kept twice
                 mine.append((start, end, text))
                 reach = end

@@ -22,6 +22,7 @@ One JSON object on stdout, a table on stderr. Resumable per corpus with the same
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -53,7 +54,8 @@ class GplConfig:
     ce_epochs: float = field(default=2.0, metadata={"help": "Cross-encoder epochs."})
     ce_learning_rate: float = field(default=5e-5, metadata={"help": "Cross-encoder learning rate."})
     gpl_epochs: float = field(default=2.0, metadata={"help": "Bi-encoder (MarginMSE) epochs."})
-    gpl_learning_rate: float = field(default=FinetuneConfig.learning_rate, metadata={"help": "Bi-encoder learning rate."})
+    gpl_learning_rate: float = field(default=FinetuneConfig.learning_rate, metadata={
+        "help": "Bi-encoder learning rate."})
     batch_size: int = field(default=32, metadata={"help": "Both trainings' batch size."})
     seed: int = field(default=42, metadata={"help": "Seed."})
     work: Path | None = field(default=None, metadata={"help": "Working folder (default: a temp folder)."})
@@ -118,7 +120,8 @@ def rerank_ndcg(base, cross_encoder, pairs) -> float:
 
 def train_gpl(base_folder: str, triples, cross_encoder, cfg: GplConfig, out: Path):
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
+                                       SentenceTransformerTrainingArguments)
     from sentence_transformers.losses import MarginMSELoss
 
     pos = cross_encoder.predict([(q, p) for q, p, _ in triples], show_progress_bar=False)
@@ -159,8 +162,9 @@ def run_corpus(cfg: GplConfig, corpus: str, work: Path) -> dict:
                                                             out=out, seed=cfg.seed))
     default_s = time.perf_counter() - t
     # the checkpoint, kept or not: finetune's own heldout gain; hand-written scored on its saved model
+    saved = evaluate.score(load_embedder(str(out)), handwritten)["ndcg@10"]
     default = {"heldout": metrics["checks"]["heldout"]["gain"], "kept": metrics["kept"],
-               "handwritten": evaluate.score(load_embedder(str(out)), handwritten)["ndcg@10"] - base_scores["handwritten"]}
+               "handwritten": saved - base_scores["handwritten"]}
 
     t = time.perf_counter()
     triples = mined_triples(base, train, cfg.negatives, cfg.seed)
@@ -187,7 +191,8 @@ def main(cfg: GplConfig) -> dict:
     for corpus in cfg.corpus:
         done = work / corpus / "row.json"  # a finished corpus is kept: the same --work goes on after a kill
         if not done.is_file():
-            row = run_corpus(cfg, corpus, work)
+            with contextlib.redirect_stdout(sys.stderr):  # the trainers print their logs; stdout is the JSON
+                row = run_corpus(cfg, corpus, work)
             done.write_text(json.dumps(row))
         rows.append(json.loads(done.read_text()))
         logger.info("%s", done.read_text())
