@@ -63,6 +63,9 @@ def test_units_cut_sentences_table_rows_and_long_runs():
     text = "The annual meeting will be held at 9:00 a.m. Central Time on April 23, 2024. U.S. Treasury yields rose."
     assert [text[s:e] for s, e in split_units(text)] == [
         "The annual meeting will be held at 9:00 a.m. Central Time on April 23, 2024.", "U.S. Treasury yields rose."]
+    # a semicolon ends no sentence: an officer's name stays with what the line says about them
+    text = "Daniel Ferreira, age 46: Executive Vice President and Treasurer; Treasurer since August 1, 2023."
+    assert [text[s:e] for s, e in split_units(text)] == [text]
 
 
 def test_whole_units_join_a_heading_or_caption_to_what_it_introduces():
