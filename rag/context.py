@@ -72,6 +72,11 @@ class Unit:
     title: str = ""  # its document's title (rag.index.document_title): the year or filing the unit is from
     head: str = ""  # a fragment's own words, which it is scored on; `text` then runs on over the unit after it
 
+    @property
+    def own(self) -> str:
+        """The words the unit is scored on: a fragment's own (`head`), else its text."""
+        return self.head or self.text
+
 
 def lexical_overlap(question_terms: set[str], unit_terms: list[str]) -> float:
     return len(question_terms & set(unit_terms)) / len(question_terms) if question_terms else 0.0
@@ -133,12 +138,12 @@ def prefer_sentences_to_rows(units: list[Unit]) -> None:
     leaves to the column headings (which year, which unit), so it is the better evidence and the better
     context line. Long corpus, tuning half, best unit of the hybrid top 4: 0.635 -> 0.695 of questions,
     sample and policy unchanged."""
-    rows = sorted((u for u in units if CELL in (u.head or u.text)), key=lambda u: -u.score)
+    rows = sorted((u for u in units if CELL in u.own), key=lambda u: -u.score)
     for row in rows:
         cells = figures(row.text)
         for unit in units:
-            if CELL not in (unit.head or unit.text) and unit.score <= row.score and any(
-                    restates(cell, said) for said in figures(unit.head or unit.text) for cell in cells):
+            if CELL not in unit.own and unit.score <= row.score and any(
+                    restates(cell, said) for said in figures(unit.own) for cell in cells):
                 unit.score = row.score + 1e-6
 
 
@@ -149,14 +154,14 @@ def score_units(question: str, units: list[Unit], embed: Callable[[list[str]], l
     cosine is the question's with its abbreviations spelled out (rag.abbreviations; as the dense retriever
     reads it)."""
     asked = spelled_out(question, defined_in([u.text for u in units])) if spell_out else question
-    vectors = embed([asked] + [u.head or u.text for u in units])
+    vectors = embed([asked] + [u.own for u in units])
     q = vectors[0]
     q_terms = set(bm25_tokens([question])[0])
     kind = asks_for(question)
     common = {w for u in units for w in re.findall(r"\b[a-z]+\b", u.text)} if kind == "name" else set()
-    for unit, vec, terms in zip(units, vectors[1:], bm25_tokens([f"{u.title} {u.head or u.text}" for u in units])):
+    for unit, vec, terms in zip(units, vectors[1:], bm25_tokens([f"{u.title} {u.own}" for u in units])):
         unit.score = sum(a * b for a, b in zip(q, vec)) + lexical_weight * lexical_overlap(q_terms, terms)
-        if figure_weight and holds_answer_kind(kind, unit.head or unit.text, question, common):
+        if figure_weight and holds_answer_kind(kind, unit.own, question, common):
             unit.score += figure_weight
     prefer_sentences_to_rows(units)
 
