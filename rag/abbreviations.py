@@ -81,6 +81,14 @@ def defined_in(texts: list[str]) -> dict[str, str]:
     return found
 
 
+def written_apart(texts: list[str], abbreviations: dict[str, str]) -> list[str]:
+    """The `abbreviations` that `texts` also write outside a "(ABBR)" definition ("the NSFR was 116%").
+    One written only where it is defined (a glossary's "Net stable funding ratio (NSFR): ...") is searched
+    for by its long form too, or BM25 ranks the glossary above the sentence that gives the figure."""
+    rest = "\n".join(DEFINED.sub(" ", text) for text in texts)
+    return sorted(a for a in abbreviations if re.search(rf"(?<![A-Za-z0-9&]){re.escape(a)}s?(?![A-Za-z0-9&])", rest))
+
+
 def spelled_out(query: str, defined: dict[str, str] | None = None, used: Callable[[str], bool] | None = None) -> str:
     """`query` with "(ABBR: long form)" appended for each abbreviation in it that the documents define
     (`defined`) or FINANCE knows, unless the long form is already in the query or `used(ABBR)` says the

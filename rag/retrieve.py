@@ -27,7 +27,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from rag.abbreviations import defined_in, spelled_out
+from rag.abbreviations import defined_in, spelled_out, written_apart
 from rag.index import ID_BATCH, document_title
 from tunerag.common import first_line, replace_folder, temp_folder
 
@@ -49,7 +49,7 @@ SENTENCE_END = re.compile(rf"(?<=[.!?]){NOT_AN_END}\s+(?=[\"'(\[]?[A-Z0-9$])")
 RRF_K = 60  # the constant of Cormack et al. (2009); ranks, not scores, are fused
 BM25_META = "tunerag-bm25.json"
 BM25_ROWS = "sentences-3"  # what one BM25 row is (2: abbreviations end no sentence, 3: nor ";"); others are rebuilt
-BM25_FORMAT = 2  # 2: the documents' abbreviations are stored with the index
+BM25_FORMAT = 3  # 2: the documents' abbreviations are stored with the index; 3: and which they write apart
 SENTENCE_VECTORS = "sentence-vectors.npy"
 VECTOR_ROWS = "title: unit"  # what a sentence vector embeds; vectors stored of another layout are redone
 VECTOR_BLOCK = 256  # sentences per embed call: a live progress bar
@@ -155,6 +155,7 @@ class Bm25Index:
     stem: bool
     abbreviations: dict[str, str]  # defined in the chunks: {"NSFR": "net stable funding ratio"}
     vectors: Any = None  # each row's embedder vector (rows x dim, unit length), for the hybrid's sentence side
+    written: frozenset[str] = frozenset()  # the abbreviations the chunks also write outside their definitions
 
     @cached_property
     def source_of(self) -> dict[str, str]:
@@ -162,7 +163,10 @@ class Bm25Index:
         return dict(zip(self.ids, self.sources))
 
     def uses(self, word: str) -> bool:
-        """Whether the indexed text has `word` (as BM25 tokenizes it)."""
+        """Whether the indexed text has `word` (as BM25 tokenizes it); for an abbreviation the chunks define,
+        whether they write it outside its definitions too (rag.abbreviations.written_apart)."""
+        if word in self.abbreviations:
+            return word in self.written
         tokens = bm25_tokens([word], self.stem)[0]
         vocab = getattr(self.model, "vocab_dict", None) or {}  # an empty index has none
         return bool(tokens) and all(t in vocab for t in tokens)
@@ -288,7 +292,9 @@ def build_bm25(collection, stem: bool = True, embed: Callable[[list[str]], list[
     if embed is not None:
         vectors = sentence_vectors([f"{t}: {r}" if t else r for t, r in zip(row_titles, rows)], row_ids, embed,
                                    previous or {})
-    return Bm25Index(model, row_ids, row_sources, stem, defined_in(chunks["documents"]), vectors)
+    defined = defined_in(chunks["documents"])
+    return Bm25Index(model, row_ids, row_sources, stem, defined, vectors,
+                     frozenset(written_apart(chunks["documents"], defined)))
 
 
 def save_bm25(index: Bm25Index, folder: Path) -> None:
@@ -304,7 +310,7 @@ def save_bm25(index: Bm25Index, folder: Path) -> None:
         chunk_ids = sorted(set(index.ids))
         meta = {"ids_sha256": ids_digest(chunk_ids), "chunk_ids": chunk_ids, "row_ids": index.ids,
                 "sources": index.sources, "stem": index.stem, "rows": BM25_ROWS, "format": BM25_FORMAT,
-                "abbreviations": index.abbreviations, "vectors": VECTOR_ROWS if index.vectors is not None else None}
+                "abbreviations": index.abbreviations, "written": sorted(index.written), "vectors": VECTOR_ROWS if index.vectors is not None else None}
         (tmp / BM25_META).write_text(json.dumps(meta), encoding="utf-8")
         replace_folder(tmp, folder)
     finally:
@@ -327,7 +333,7 @@ def load_bm25(folder: Path, expected_ids: list[str], stem: bool,
         if meta.get("stem") != stem or meta.get("rows") != BM25_ROWS:
             return None, "built with other tokenizer settings"
         if meta.get("format") != BM25_FORMAT:
-            return None, "stored by an older tunerag (no abbreviations)"
+            return None, "stored by an older tunerag"
         if meta.get("ids_sha256") != ids_digest(expected_ids) or meta["chunk_ids"] != sorted(set(expected_ids)) \
                 or set(meta["row_ids"]) != set(meta["chunk_ids"]):
             return None, "built for other chunks than the collection holds"
@@ -343,7 +349,8 @@ def load_bm25(folder: Path, expected_ids: list[str], stem: bool,
                 return None, "damaged (sentence vectors differ from its rows)"
     except Exception as e:  # noqa: BLE001 - any unreadable file means the same: rebuild it
         return None, f"unreadable ({first_line(e)})"
-    return Bm25Index(model, meta["row_ids"], meta["sources"], stem, meta["abbreviations"], matrix), ""
+    return Bm25Index(model, meta["row_ids"], meta["sources"], stem, meta["abbreviations"], matrix,
+                     frozenset(meta["written"])), ""
 
 
 def stored_vectors(folder: Path) -> dict[str, Any]:
@@ -384,11 +391,20 @@ def open_bm25(collection, folder: Path, stem: bool = True, changed: bool = False
     return index
 
 
+# A question about what was expected for a year ("net charge-off guidance for 2026?") is answered by the report
+# of the year before, which gives the outlook; unless the year names the report ("the 2024 report's outlook").
+OUTLOOK = re.compile(r"\b(?:expect(?:s|ed)?|guidance|forecast)\b", re.IGNORECASE)
+REPORT_YEAR = re.compile(r"^(?:'s)?\s+(?:annual\s+)?(?:report|10-K|filing)\b", re.IGNORECASE)
+
+
 def year_ranking(query: str, fused: list[str], title_of: dict[str, str]) -> list[str]:
     """The `fused` ids (best first) of chunks whose document title names a year the question names: "the
     CET1 ratio in 2024" is most often answered by the 2024 report, whose sentences the 2023 and 2025
     reports repeat with other figures. Empty when the question names no year or no title has it."""
     years = set(YEAR.findall(query))
+    if OUTLOOK.search(query):
+        years = {str(int(y) - 1) if not REPORT_YEAR.search(query[m.end():]) else y
+                 for m in YEAR.finditer(query) for y in [m.group()]}
     if not years:
         return []
     return [i for i in fused if years & set(TITLE_YEAR.findall(title_of.get(i, "")))]

@@ -1,6 +1,6 @@
 """rag.abbreviations: definitions found in documents, and questions spelled out for retrieval."""
 
-from rag.abbreviations import FINANCE, defined_in, initials_match, spelled_out
+from rag.abbreviations import FINANCE, defined_in, initials_match, spelled_out, written_apart
 
 
 def test_definitions_are_found_and_cut_to_their_initials():
@@ -44,3 +44,13 @@ def test_questions_are_spelled_out_once():
     assert spelled_out("What was revenue in 2025?") == "What was revenue in 2025?"
     assert spelled_out("A cut of 25 bps") == "A cut of 25 bps (bps: basis points)"
     assert all(long == long.lower() for long in FINANCE.values())  # compared with the lower-cased question
+
+
+def test_an_abbreviation_written_only_in_its_definition_is_not_written_apart():
+    texts = ["Net stable funding ratio (NSFR): The ratio of available to required stable funding.",
+             "Common equity tier 1 (CET1): Capital of the highest quality.", "The CET1 ratio was 10.5%.",
+             "Value at risk (VaR) is measured daily; average VaR was $5.3 million.", "Our NSFRX program grew."]
+    defined = defined_in(texts)
+    assert set(defined) == {"NSFR", "CET1", "VaR"}
+    # NSFR appears only as "(NSFR)" ("NSFRX" is another word): BM25 must search its long form too
+    assert written_apart(texts, defined) == ["CET1", "VaR"]
