@@ -215,7 +215,7 @@ def test_long_corpus_top_4_with_the_cli_defaults_and_a_candidate_pool_that_does_
     for it, docs4 in zip(items[:40], top4):
         assert [d.id for d in sixteen.invoke(it["question"])[:4]] == [d.id for d in docs4], it["id"]
     recall = recall_at_k([[d.page_content for d in docs4] for docs4 in top4], items)
-    assert recall >= 0.93, recall  # measured 0.946; 0.922 without the sentence side, 0.868 with a pool of 20
+    assert recall >= 0.94, recall  # measured 0.958 (0.946 before the glossary rule); 0.922 without the sentence side
 
 
 def test_an_abbreviation_only_a_glossary_writes_is_searched_by_its_long_form(tmp_path, minilm):
