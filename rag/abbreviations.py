@@ -85,8 +85,8 @@ def written_apart(texts: list[str], abbreviations: dict[str, str]) -> list[str]:
     """The `abbreviations` that `texts` also write outside a "(ABBR)" definition ("the NSFR was 116%").
     One written only where it is defined (a glossary's "Net stable funding ratio (NSFR): ...") is searched
     for by its long form too, or BM25 ranks the glossary above the sentence that gives the figure."""
-    rest = "\n".join(DEFINED.sub(" ", text) for text in texts)
-    return sorted(a for a in abbreviations if re.search(rf"(?<![A-Za-z0-9&]){re.escape(a)}s?(?![A-Za-z0-9&])", rest))
+    words = {word for text in texts for word in re.findall(r"[A-Za-z0-9&]+", DEFINED.sub(" ", text))}
+    return sorted(a for a in abbreviations if a in words or f"{a}s" in words)
 
 
 def spelled_out(query: str, defined: dict[str, str] | None = None, used: Callable[[str], bool] | None = None) -> str:

@@ -310,7 +310,8 @@ def save_bm25(index: Bm25Index, folder: Path) -> None:
         chunk_ids = sorted(set(index.ids))
         meta = {"ids_sha256": ids_digest(chunk_ids), "chunk_ids": chunk_ids, "row_ids": index.ids,
                 "sources": index.sources, "stem": index.stem, "rows": BM25_ROWS, "format": BM25_FORMAT,
-                "abbreviations": index.abbreviations, "written": sorted(index.written), "vectors": VECTOR_ROWS if index.vectors is not None else None}
+                "abbreviations": index.abbreviations, "written": sorted(index.written),
+                "vectors": VECTOR_ROWS if index.vectors is not None else None}
         (tmp / BM25_META).write_text(json.dumps(meta), encoding="utf-8")
         replace_folder(tmp, folder)
     finally:
@@ -394,17 +395,18 @@ def open_bm25(collection, folder: Path, stem: bool = True, changed: bool = False
 # A question about what was expected for a year ("net charge-off guidance for 2026?") is answered by the report
 # of the year before, which gives the outlook; unless the year names the report ("the 2024 report's outlook").
 OUTLOOK = re.compile(r"\b(?:expect(?:s|ed)?|guidance|forecast)\b", re.IGNORECASE)
-REPORT_YEAR = re.compile(r"^(?:'s)?\s+(?:annual\s+)?(?:report|10-K|filing)\b", re.IGNORECASE)
+REPORT_YEAR = re.compile(r"(?:'s)?\s+(?:annual\s+)?(?:report|10-K|filing)\b", re.IGNORECASE)
 
 
 def year_ranking(query: str, fused: list[str], title_of: dict[str, str]) -> list[str]:
     """The `fused` ids (best first) of chunks whose document title names a year the question names: "the
     CET1 ratio in 2024" is most often answered by the 2024 report, whose sentences the 2023 and 2025
-    reports repeat with other figures. Empty when the question names no year or no title has it."""
-    years = set(YEAR.findall(query))
+    reports repeat with other figures; for an outlook question, the year before (OUTLOOK). Empty when the
+    question names no year or no title has it."""
+    named = list(YEAR.finditer(query))
+    years = {m.group() for m in named}
     if OUTLOOK.search(query):
-        years = {str(int(y) - 1) if not REPORT_YEAR.search(query[m.end():]) else y
-                 for m in YEAR.finditer(query) for y in [m.group()]}
+        years = {m.group() if REPORT_YEAR.match(query, m.end()) else str(int(m.group()) - 1) for m in named}
     if not years:
         return []
     return [i for i in fused if years & set(TITLE_YEAR.findall(title_of.get(i, "")))]
