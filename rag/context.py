@@ -71,11 +71,17 @@ class Unit:
     score: float = 0.0
     title: str = ""  # its document's title (rag.index.document_title): the year or filing the unit is from
     head: str = ""  # a fragment's own words, which it is scored on; `text` then runs on over the unit after it
+    header: str = ""  # a table row's column headings (the first row of its table in the passage)
 
     @property
     def own(self) -> str:
-        """The words the unit is scored on: a fragment's own (`head`), else its text."""
+        """The unit's own words: a fragment's (`head`), else its text."""
         return self.head or self.text
+
+    @property
+    def read_as(self) -> str:
+        """What the question is matched against: a table row after its column headings, else `own`."""
+        return f"{self.header} {self.own}" if self.header else self.own
 
 
 def lexical_overlap(question_terms: set[str], unit_terms: list[str]) -> float:
@@ -154,16 +160,31 @@ def score_units(question: str, units: list[Unit], embed: Callable[[list[str]], l
     cosine is the question's with its abbreviations spelled out (rag.abbreviations; as the dense retriever
     reads it)."""
     asked = spelled_out(question, defined_in([u.text for u in units])) if spell_out else question
-    vectors = embed([asked] + [u.own for u in units])
+    vectors = embed([asked] + [u.read_as for u in units])
     q = vectors[0]
     q_terms = set(bm25_tokens([question])[0])
     kind = asks_for(question)
     common = {w for u in units for w in re.findall(r"\b[a-z]+\b", u.text)} if kind == "name" else set()
-    for unit, vec, terms in zip(units, vectors[1:], bm25_tokens([f"{u.title} {u.own}" for u in units])):
+    for unit, vec, terms in zip(units, vectors[1:], bm25_tokens([f"{u.title} {u.read_as}" for u in units])):
         unit.score = sum(a * b for a, b in zip(q, vec)) + lexical_weight * lexical_overlap(q_terms, terms)
         if figure_weight and holds_answer_kind(kind, unit.own, question, common):
             unit.score += figure_weight
     prefer_sentences_to_rows(units)
+
+
+def table_headers(text: str) -> dict[int, str]:
+    """{start of a table row's line: the first row of its table} for the rows after the first of each run of
+    table lines (lines with CELL) in `text`."""
+    headers, first, start = {}, None, 0
+    for line in text.split("\n"):
+        if CELL not in line:
+            first = None
+        elif first is None:
+            first = line
+        else:
+            headers[start] = first
+        start += len(line) + 1
+    return headers
 
 
 def passage_units(docs: list[Any]) -> list[Unit]:
@@ -180,12 +201,15 @@ def passage_units(docs: list[Any]) -> list[Unit]:
             units += [Unit(i, s, e, text, title=title) for s, e, text in kept]
             continue
         spans = split_units(d.page_content)
+        headers = table_headers(d.page_content)
         for n, (s, e) in enumerate(spans):
             head = d.page_content[s:e]
+            header = headers.get(d.page_content.rfind("\n", 0, s) + 1, "")
             if len(head.split()) < FRAGMENT_WORDS and n + 1 < len(spans):
-                units.append(Unit(i, s, spans[n + 1][1], d.page_content[s:spans[n + 1][1]], title=title, head=head))
+                units.append(Unit(i, s, spans[n + 1][1], d.page_content[s:spans[n + 1][1]], title=title, head=head,
+                                  header=header))
             else:
-                units.append(Unit(i, s, e, head, title=title))
+                units.append(Unit(i, s, e, head, title=title, header=header))
     return units
 
 

@@ -287,6 +287,28 @@ def test_the_picked_sentence_holds_a_figure_and_reads_abbreviations_spelled_out(
     assert has_figure("Risk Grade 6 maps to 0.85% to 1.95%") and has_figure("1,233 | 1,298")
 
 
+def test_a_table_row_is_read_with_its_column_headings(minilm):
+    """Two tables give the LCR a row each; which figure is the internal minimum only the first row of each
+    table says. The headings are read with each row (table_headers); the row's text and offsets stay its own."""
+    from langchain_core.documents import Document
+
+    from rag.context import passage_units, table_headers
+
+    text = ("Table 3: Liquidity limits\n\nMeasure | Regulatory minimum | Internal minimum | Target\n"
+            "Liquidity Coverage Ratio | 100% | 125% | 135%\n\nTable 4: Early warning indicators\n\n"
+            "Indicator | Amber trigger | Red trigger\nLiquidity Coverage Ratio | Below 140% | Below 130%")
+    assert list(table_headers(text).values()) == ["Measure | Regulatory minimum | Internal minimum | Target",
+                                                  "Indicator | Amber trigger | Red trigger"]
+    passage = Document(page_content=text, metadata={"title": "liquidity policy"})
+    rows = [u for u in passage_units([passage]) if u.header]
+    assert [u.text for u in rows] == ["Liquidity Coverage Ratio | 100% | 125% | 135%",
+                                      "Liquidity Coverage Ratio | Below 140% | Below 130%"]
+    assert all(text[u.start:u.end] == u.text and u.read_as == f"{u.header} {u.text}" for u in rows)
+    embed = minilm[0].embed_documents
+    assert "125%" in best_unit("What is the internal minimum for the Liquidity Coverage Ratio?", [passage], embed).text
+    assert "130%" in best_unit("At what Liquidity Coverage Ratio is the red trigger hit?", [passage], embed).text
+
+
 def test_a_unit_is_weighted_for_the_kind_of_answer_the_question_asks_for():
     from rag.context import asks_for, holds_answer_kind
 
