@@ -3,7 +3,8 @@
 A 135M model reads 1,000 tokens of passages badly and the right sentence or two well. So
 (`--context sentences`) each retrieved chunk is cut into units - sentences, and table rows or other
 long runs cut to at most MAX_UNIT_WORDS words, a heading or caption read on over what follows it
-(passage_units) - every unit is scored against the question (cosine of the embedder with the question's
+(passage_units), a table row read after its column headings (table_headers) - every unit is scored against
+the question (cosine of the embedder with the question's
 abbreviations spelled out, plus the share of the question's BM25 terms it holds, plus a little for holding
 the kind of answer asked for: a figure, or a name or a definition (asks_for); a sentence that states a
 better table row's figure takes the row's place: score_units), and the best units are kept up to a token
