@@ -71,7 +71,7 @@ class Unit:
     text: str
     score: float = 0.0
     title: str = ""  # its document's title (rag.index.document_title): the year or filing the unit is from
-    head: str = ""  # a fragment's own words, which it is scored on; `text` then runs on over the unit after it
+    head: str = ""  # a fragment's own words, which it is scored on (read_as); `text` runs on over the next unit
     header: str = ""  # a table row's column headings (the first row of its table in the passage)
 
     @property

@@ -403,10 +403,9 @@ def year_ranking(query: str, fused: list[str], title_of: dict[str, str]) -> list
     CET1 ratio in 2024" is most often answered by the 2024 report, whose sentences the 2023 and 2025
     reports repeat with other figures; for an outlook question, the year before (OUTLOOK). Empty when the
     question names no year or no title has it."""
-    named = list(YEAR.finditer(query))
-    years = {m.group() for m in named}
-    if OUTLOOK.search(query):
-        years = {m.group() if REPORT_YEAR.match(query, m.end()) else str(int(m.group()) - 1) for m in named}
+    outlook = bool(OUTLOOK.search(query))
+    years = {str(int(m.group()) - 1) if outlook and not REPORT_YEAR.match(query, m.end()) else m.group()
+             for m in YEAR.finditer(query)}
     if not years:
         return []
     return [i for i in fused if years & set(TITLE_YEAR.findall(title_of.get(i, "")))]
