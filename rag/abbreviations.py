@@ -89,19 +89,23 @@ def written_apart(texts: list[str], abbreviations: dict[str, str]) -> list[str]:
     return sorted(a for a in abbreviations if a in words or f"{a}s" in words)
 
 
-def spelled_out(query: str, defined: dict[str, str] | None = None, used: Callable[[str], bool] | None = None) -> str:
-    """`query` with "(ABBR: long form)" appended for each abbreviation in it that the documents define
-    (`defined`) or FINANCE knows, unless the long form is already in the query or `used(ABBR)` says the
-    documents write the abbreviation itself (then it matches as it is, and the long form's words only
-    add noise); plural "NPLs" counts."""
+def abbreviations_in(query: str, defined: dict[str, str] | None = None) -> dict[str, str]:
+    """{abbreviation: long form} for each abbreviation in `query` that the documents define (`defined`) or
+    FINANCE knows; plural "NPLs" counts as NPL."""
     known = {**FINANCE, **(defined or {})}
-    lowered = query.lower()
-    notes = []
+    found = {}
     for word in dict.fromkeys(QUERY_WORD.findall(query)):
         key = word if word in known else word[:-1] if word.endswith("s") and word[:-1] in known else None
-        if key is None or known[key] in lowered:
-            continue
-        if used is not None and used(key):
-            continue
-        notes.append(f"{key}: {known[key]}")
+        if key is not None:
+            found[key] = known[key]
+    return found
+
+
+def spelled_out(query: str, defined: dict[str, str] | None = None, used: Callable[[str], bool] | None = None) -> str:
+    """`query` with "(ABBR: long form)" appended for each abbreviation in it (abbreviations_in), unless the
+    long form is already in the query or `used(ABBR)` says the documents write the abbreviation itself (then
+    it matches as it is, and the long form's words only add noise)."""
+    lowered = query.lower()
+    notes = [f"{key}: {long}" for key, long in abbreviations_in(query, defined).items()
+             if long not in lowered and not (used is not None and used(key))]
     return f"{query} ({'; '.join(notes)})" if notes else query

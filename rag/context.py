@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rag.abbreviations import defined_in, spelled_out
+from rag.abbreviations import abbreviations_in, defined_in, spelled_out
 from rag.retrieve import FRAGMENT_WORDS, NAME, YEAR, bm25_tokens, split_units
 
 # Weight of the question-term share against the embedder's cosine. Picking one sentence (the extractive
@@ -42,10 +42,12 @@ LEXICAL_WEIGHT = 2.0
 # abbreviations only), 0.606 / 0.593 / 0.800 at 0.3 as built (scripts/bench_rag.py --split tune).
 FIGURE_WEIGHT = 0.3
 # What a question asks for, when not a figure: a name ("Who ...?") or a definition ("How does the policy define
-# a Connected Group?"), and how a unit that gives a definition reads ("'Structuring' means ...", a glossary's
+# a Connected Group?", or any question that names the glossary: "What does the 2025 glossary say notable items
+# include?"), and how a unit that gives a definition reads ("'Structuring' means ...", a glossary's
 # "Net stable funding ratio (NSFR): The ratio of ...").
 WHO = re.compile(r"^\W*(?:who|whom|whose)\b", re.IGNORECASE)
-DEFINE = re.compile(r"\bdefine[sd]?\b|\bdefinition\b|\bwhat does\b.*\bmean\b|\bmeaning of\b", re.IGNORECASE)
+DEFINE = re.compile(r"\bdefine[sd]?\b|\bdefinition\b|\bwhat does\b.*\bmean\b|\bmeaning of\b|\bglossary\b",
+                    re.IGNORECASE)
 DEFINES = re.compile(r"\bmeans\b|\bis defined as\b|\brefers to\b|^[^:|]{3,80}:\s", re.IGNORECASE)
 CITATION = re.compile(r"\[(\d{1,2})\]")
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
@@ -85,8 +87,18 @@ class Unit:
         return f"{self.header} {self.own}" if self.header else self.own
 
 
-def lexical_overlap(question_terms: set[str], unit_terms: list[str]) -> float:
+def lexical_overlap(question_terms: set[str], unit_terms: set[str] | list[str]) -> float:
     return len(question_terms & set(unit_terms)) / len(question_terms) if question_terms else 0.0
+
+
+def abbreviation_terms(question: str, defined: dict[str, str]) -> dict[str, set[str]]:
+    """{BM25 term of an abbreviation in `question`: its long form's terms} ("nsfr": {"net", "stabl", "fund",
+    "ratio"}); `defined`: the documents' own abbreviations (rag.abbreviations.defined_in)."""
+    found = abbreviations_in(question, defined)
+    if not found:
+        return {}
+    return {short[0]: set(long) for short, long in zip(bm25_tokens(list(found)), bm25_tokens(list(found.values())))
+            if short and long}
 
 
 def has_figure(text: str) -> bool:
@@ -158,16 +170,20 @@ def score_units(question: str, units: list[Unit], embed: Callable[[list[str]], l
                 lexical_weight: float = LEXICAL_WEIGHT, figure_weight: float = 0.0, spell_out: bool = False) -> None:
     """Set each unit's score: cosine(question, unit) + lexical_weight * share of the question's terms in it
     + figure_weight if it holds what the question asks for (asks_for, holds_answer_kind). `spell_out`: the
-    cosine is the question's with its abbreviations spelled out (rag.abbreviations; as the dense retriever
-    reads it)."""
-    asked = spelled_out(question, defined_in([u.text for u in units])) if spell_out else question
+    question's abbreviations are read as their long forms too (rag.abbreviations): the cosine is the spelled-out
+    question's (as the dense retriever reads it), and a unit that holds all of a long form's terms holds the
+    abbreviation ("The net interest margin widened to 3.42%" holds "NIM")."""
+    defined = defined_in([u.text for u in units]) if spell_out else {}
+    asked = spelled_out(question, defined) if spell_out else question
     vectors = embed([asked] + [u.read_as for u in units])
     q = vectors[0]
     q_terms = set(bm25_tokens([question])[0])
+    long_terms = abbreviation_terms(question, defined) if spell_out else {}
     kind = asks_for(question)
     common = {w for u in units for w in re.findall(r"\b[a-z]+\b", u.text)} if kind == "name" else set()
     for unit, vec, terms in zip(units, vectors[1:], bm25_tokens([f"{u.title} {u.read_as}" for u in units])):
-        unit.score = sum(a * b for a, b in zip(q, vec)) + lexical_weight * lexical_overlap(q_terms, terms)
+        held = set(terms) | {short for short, long in long_terms.items() if long <= set(terms)}
+        unit.score = sum(a * b for a, b in zip(q, vec)) + lexical_weight * lexical_overlap(q_terms, held)
         if figure_weight and holds_answer_kind(kind, unit.own, question, common):
             unit.score += figure_weight
     prefer_sentences_to_rows(units)

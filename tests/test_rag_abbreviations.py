@@ -1,6 +1,6 @@
 """rag.abbreviations: definitions found in documents, and questions spelled out for retrieval."""
 
-from rag.abbreviations import FINANCE, defined_in, initials_match, spelled_out, written_apart
+from rag.abbreviations import FINANCE, abbreviations_in, defined_in, initials_match, spelled_out, written_apart
 
 
 def test_definitions_are_found_and_cut_to_their_initials():
@@ -44,6 +44,9 @@ def test_questions_are_spelled_out_once():
     assert spelled_out("What was revenue in 2025?") == "What was revenue in 2025?"
     assert spelled_out("A cut of 25 bps") == "A cut of 25 bps (bps: basis points)"
     assert all(long == long.lower() for long in FINANCE.values())  # compared with the lower-cased question
+    # every abbreviation the question holds, long form in it or not (the sentence scorer matches long forms)
+    assert abbreviations_in("The net stable funding ratio (NSFR) and NPLs?") == {
+        "NSFR": "net stable funding ratio", "NPL": "nonperforming loans"}
 
 
 def test_an_abbreviation_written_only_in_its_definition_is_not_written_apart():

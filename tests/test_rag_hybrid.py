@@ -287,6 +287,28 @@ def test_the_picked_sentence_holds_a_figure_and_reads_abbreviations_spelled_out(
     assert has_figure("Risk Grade 6 maps to 0.85% to 1.95%") and has_figure("1,233 | 1,298")
 
 
+def test_a_unit_that_spells_an_abbreviation_out_holds_it(minilm, monkeypatch):
+    """The long corpus's tuning case: the glossary writes "NSFR" in its definition, the sentence with the figure
+    spells it out, and the glossary won on the question's words until the long form counted as the abbreviation."""
+    from langchain_core.documents import Document
+
+    from rag.context import abbreviation_terms
+
+    assert abbreviation_terms("Full-year NIM and NSFR in 2025?", {"NSFR": "net stable funding ratio"}) == {
+        "nim": {"net", "interest", "margin"}, "nsfr": {"net", "stabl", "fund", "ratio"}}
+    assert abbreviation_terms("What was revenue in 2025?", {}) == {}
+    title = {"title": "halvorsen ridge 2025 annual report"}
+    passages = [Document(page_content="The net stable funding ratio was 120% at December 31, 2025, compared with 119% "
+                                      "a year earlier.", metadata=title),
+                Document(page_content="GLOSSARY\nNet stable funding ratio (NSFR): The ratio of available stable funding "
+                                      "to required stable funding over a one-year horizon.", metadata=title)]
+    question = "Halvorsen Ridge NSFR, year-end 2025?"
+    embed = minilm[0].embed_documents
+    assert "120%" in best_unit(question, passages, embed).text
+    monkeypatch.setattr("rag.context.abbreviation_terms", lambda question, defined: {})  # as before: no long forms
+    assert "(NSFR):" in best_unit(question, passages, embed).text
+
+
 def test_a_table_row_is_read_with_its_column_headings(minilm):
     """Two tables give the LCR a row each; which figure is the internal minimum only the first row of each
     table says. The headings are read with each row (table_headers); the row's text and offsets stay its own."""
@@ -313,8 +335,9 @@ def test_a_unit_is_weighted_for_the_kind_of_answer_the_question_asks_for():
     from rag.context import asks_for, holds_answer_kind
 
     assert [asks_for(q) for q in ["Who is the Group Treasurer?", "How does the AML policy define Structuring?",
-                                  "NSFR definition?", "When did it sign the definitive agreement?"]] == [
-        "name", "definition", "definition", "figure"]
+                                  "NSFR definition?", "When did it sign the definitive agreement?",
+                                  "What does the 2025 glossary say notable items include?"]] == [
+        "name", "definition", "definition", "figure", "definition"]
     question = "Who is the owner of the Credit Risk Policy?"
     passages = ["1.5 The owner of this policy is the Chief Credit Officer, currently Miriam Achterberg.",
                 "Policy Owner | Chief Credit Officer", "The chief credit officer reports to the risk officer."]
