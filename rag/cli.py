@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from rag.chain import NO_ANSWER, is_no_answer, retrieval_query, retrieved, search_text
 from rag.config import RagConfig
-from rag.context import best_unit, citations, evidence_passages, evidence_record, support
+from rag.context import best_unit, chunk_scores, citations, evidence_passages, evidence_record, support
 from rag.retrieve import make_retriever, open_bm25
 from tunerag.common import TuneragError, first_line, run_cli, tunerag_home
 
@@ -163,7 +163,7 @@ class Answerer:
             bm25 = None
             if cfg.retriever != "dense":
                 changed = bool(cfg.reindex or self.report.embedded or self.report.removed)
-                sentences = cfg.retriever == "hybrid" and cfg.sentence_weight > 0
+                sentences = cfg.retriever == "hybrid" and (cfg.sentence_weight > 0 or cfg.rerank_weight > 0)
                 bm25 = open_bm25(store._collection, local / name if cfg.chroma_url else local / "bm25" / name,
                                  changed=changed, embed=embeddings.embed_documents if sentences else None)
         self.embeddings = embeddings
@@ -172,6 +172,7 @@ class Answerer:
         self.retriever = make_retriever(store, bm25, cfg.k, sorted({d.metadata["source"] for d in docs}),
                                         mode=cfg.retriever, bm25_weight=cfg.bm25_weight, fetch_k=cfg.fetch_k,
                                         year_weight=cfg.year_weight, sentence_weight=cfg.sentence_weight,
+                                        rerank_weight=cfg.rerank_weight, chunk_scores=chunk_scores,
                                         abbreviations=cfg.abbreviations)
         self.files = sorted({Path(d.metadata["source"]).name for d in docs})
         self.timings["index"] = time.perf_counter() - t

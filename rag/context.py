@@ -166,6 +166,34 @@ def prefer_sentences_to_rows(units: list[Unit]) -> None:
                 unit.score = row.score + 1e-6
 
 
+@dataclass
+class Asked:
+    """What scoring a unit needs of the question (score_units, chunk_scores)."""
+
+    question: str
+    terms: set[str]  # its BM25 terms
+    long_terms: dict[str, set[str]]  # its abbreviations' long forms' terms (abbreviation_terms)
+    kind: str  # what it asks for (asks_for)
+    common: set[str]  # for a "name" question: the words the passages write in lower case (has_new_name)
+
+    @classmethod
+    def of(cls, question: str, texts: list[str], defined: dict[str, str] | None) -> Asked:
+        """`texts`: the passages' units; `defined`: the documents' abbreviations, or None for no long forms."""
+        kind = asks_for(question)
+        return cls(question, set(bm25_tokens([question])[0]),
+                   abbreviation_terms(question, defined) if defined is not None else {}, kind,
+                   {w for t in texts for w in re.findall(r"\b[a-z]+\b", t)} if kind == "name" else set())
+
+    def score(self, cosine: float, terms: list[str], own: str, lexical_weight: float, figure_weight: float) -> float:
+        """cosine + lexical_weight * share of the question's terms among `terms` (an abbreviation's counts when
+        they hold all of its long form's) + figure_weight if `own` holds what the question asks for."""
+        held = set(terms) | {short for short, long in self.long_terms.items() if long <= set(terms)}
+        score = cosine + lexical_weight * lexical_overlap(self.terms, held)
+        if figure_weight and holds_answer_kind(self.kind, own, self.question, self.common):
+            score += figure_weight
+        return score
+
+
 def score_units(question: str, units: list[Unit], embed: Callable[[list[str]], list[list[float]]],
                 lexical_weight: float = LEXICAL_WEIGHT, figure_weight: float = 0.0, spell_out: bool = False) -> None:
     """Set each unit's score: cosine(question, unit) + lexical_weight * share of the question's terms in it
@@ -173,20 +201,29 @@ def score_units(question: str, units: list[Unit], embed: Callable[[list[str]], l
     question's abbreviations are read as their long forms too (rag.abbreviations): the cosine is the spelled-out
     question's (as the dense retriever reads it), and a unit that holds all of a long form's terms holds the
     abbreviation ("The net interest margin widened to 3.42%" holds "NIM")."""
-    defined = defined_in([u.text for u in units]) if spell_out else {}
-    asked = spelled_out(question, defined) if spell_out else question
-    vectors = embed([asked] + [u.read_as for u in units])
+    defined = defined_in([u.text for u in units]) if spell_out else None
+    vectors = embed([spelled_out(question, defined) if spell_out else question] + [u.read_as for u in units])
     q = vectors[0]
-    q_terms = set(bm25_tokens([question])[0])
-    long_terms = abbreviation_terms(question, defined) if spell_out else {}
-    kind = asks_for(question)
-    common = {w for u in units for w in re.findall(r"\b[a-z]+\b", u.text)} if kind == "name" else set()
+    asked = Asked.of(question, [u.text for u in units], defined)
     for unit, vec, terms in zip(units, vectors[1:], bm25_tokens([f"{u.title} {u.read_as}" for u in units])):
-        held = set(terms) | {short for short, long in long_terms.items() if long <= set(terms)}
-        unit.score = sum(a * b for a, b in zip(q, vec)) + lexical_weight * lexical_overlap(q_terms, held)
-        if figure_weight and holds_answer_kind(kind, unit.own, question, common):
-            unit.score += figure_weight
+        unit.score = asked.score(sum(a * b for a, b in zip(q, vec)), terms, unit.own, lexical_weight, figure_weight)
     prefer_sentences_to_rows(units)
+
+
+def chunk_scores(question: str, chunks: list[tuple[str, list[str], list[float]]], defined: dict[str, str]) -> list[float]:
+    """Each chunk's best sentence score, as the extractive answer scores sentences (score_units, with
+    FIGURE_WEIGHT and long forms) but from cosines already known: the retriever's stored sentence vectors
+    (rag.retrieve, --rerank-weight). `chunks`: (its document's title, its sentences, their cosines with the
+    spelled-out question); `defined`: the documents' abbreviations."""
+    texts = [row for _, rows, _ in chunks for row in rows]
+    asked = Asked.of(question, texts, defined)
+    terms = bm25_tokens([f"{title} {row}" for title, rows, _ in chunks for row in rows]) if texts else []
+    best, start = [], 0
+    for _, rows, cosines in chunks:
+        mine, start = terms[start:start + len(rows)], start + len(rows)
+        best.append(max((asked.score(cosine, row_terms, row, LEXICAL_WEIGHT, FIGURE_WEIGHT)
+                         for row, cosine, row_terms in zip(rows, cosines, mine)), default=float("-inf")))
+    return best
 
 
 def table_headers(text: str) -> dict[int, str]:

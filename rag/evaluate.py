@@ -37,6 +37,7 @@ class RagEvalConfig:
     bm25_weight: float = field(default=rag_default("bm25_weight"), metadata={"help": "As rag.cli --bm25-weight."})
     fetch_k: int = field(default=rag_default("fetch_k"), metadata={"help": "As rag.cli --fetch-k."})
     sentence_weight: float = field(default=rag_default("sentence_weight"), metadata={"help": "As rag.cli --sentence-weight."})
+    rerank_weight: float = field(default=rag_default("rerank_weight"), metadata={"help": "As rag.cli --rerank-weight."})
     year_weight: float = field(default=rag_default("year_weight"), metadata={"help": "As rag.cli --year-weight."})
     dtype: str = field(default="auto", metadata={"help": "As rag.cli --dtype."})
     abbreviations: bool = field(default=rag_default("abbreviations"), metadata={"help": "As rag.cli --abbreviations."})
@@ -51,7 +52,7 @@ class RagEvalConfig:
         settings = {"file": list(self.file), "question": "-", "k": self.k, "chunk_size": self.chunk_size,
                     "chunk_overlap": self.chunk_overlap, "max_new_tokens": self.max_new_tokens, "seed": self.seed,
                     "retriever": self.retriever, "bm25_weight": self.bm25_weight, "fetch_k": self.fetch_k,
-                    "sentence_weight": self.sentence_weight,
+                    "sentence_weight": self.sentence_weight, "rerank_weight": self.rerank_weight,
                     "year_weight": self.year_weight, "context": self.context,
                     "context_tokens": self.context_tokens, "answer": self.answer, "dtype": self.dtype,
                     "abbreviations": self.abbreviations, "unknown_names": self.unknown_names,

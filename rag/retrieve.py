@@ -7,10 +7,13 @@ index lives beside the store (`PERSIST_DIR/bm25/COLLECTION/`), keyed by the coll
 is rebuilt whenever those ids change (a file added, changed or removed, `--reindex`) and whenever it is
 missing, unreadable or built for other ids, with a note; it is never used stale. The same sentence
 rows are embedded too (`sentence-vectors.npy` in that folder, reused for unchanged chunks), and a third
-side ranks chunks by their best sentence's cosine with the question (--sentence-weight).
+side ranks chunks by their best sentence's cosine with the question (--sentence-weight). Last, the fused
+top 8 are fused once more with their ranking by their best sentence's score as the extractive answer
+scores sentences, from those stored vectors (rag.context.chunk_scores, --rerank-weight).
 
     retriever = make_retriever(store, open_bm25(collection, folder, embed=embeddings.embed_documents), k=4,
-                               sources=files, bm25_weight=3.0, sentence_weight=2.0, year_weight=0.5)
+                               sources=files, bm25_weight=3.0, sentence_weight=2.0, year_weight=0.5,
+                               rerank_weight=1.0, chunk_scores=rag.context.chunk_scores)
     retriever.invoke("What was the CET1 ratio in 2024?")   # Documents, metadata["score"], ["found_by"]
 """
 
@@ -54,6 +57,7 @@ SENTENCE_VECTORS = "sentence-vectors.npy"
 VECTOR_ROWS = "title: unit"  # what a sentence vector embeds; vectors stored of another layout are redone
 VECTOR_BLOCK = 256  # sentences per embed call: a live progress bar
 ROWS_PER_HIT = 10  # sentence rows fetched per chunk wanted: a chunk's sentences often rank together
+RERANK_TOP = 8  # the fused chunks that --rerank-weight re-ranks by their best sentence's score
 YEAR = re.compile(r"(?<!\d)(?:19|20)\d\d(?!\d)")  # a year on its own, not inside a longer number
 TITLE_YEAR = re.compile(r"(?<!\d)(?:19|20)\d\d")  # a file named for its date, "aapl-20240928", names 2024
 # A name: capitalised words ("Halvorsen Ridge", "Basel") other than a sentence's first; all-capital
@@ -162,6 +166,30 @@ class Bm25Index:
         """{chunk id: its source file}."""
         return dict(zip(self.ids, self.sources))
 
+    @cached_property
+    def rows_of(self) -> dict[str, range]:
+        """{chunk id: its rows} (a chunk's rows are consecutive, in the order of split_units)."""
+        first: dict[str, int] = {}
+        count: dict[str, int] = {}
+        for row, chunk_id in enumerate(self.ids):
+            first.setdefault(chunk_id, row)
+            count[chunk_id] = count.get(chunk_id, 0) + 1
+        return {chunk_id: range(first[chunk_id], first[chunk_id] + count[chunk_id]) for chunk_id in first}
+
+    def row_cosines(self, chunk_ids: list[str], query_vector: list[float]) -> list[list[float]]:
+        """The cosine of each stored sentence vector of each chunk (in row order) with the query."""
+        import torch
+
+        q = torch.tensor(query_vector, dtype=torch.float32)
+        rows = [self.rows_of.get(i, range(0)) for i in chunk_ids]
+        picked = torch.from_numpy(self.vectors[[r for chunk in rows for r in chunk]])
+        cosines = (picked @ (q / (q.norm() or 1.0))).tolist()
+        out, start = [], 0
+        for chunk in rows:
+            out.append(cosines[start:start + len(chunk)])
+            start += len(chunk)
+        return out
+
     def uses(self, word: str) -> bool:
         """Whether the indexed text has `word` (as BM25 tokenizes it); for an abbreviation the chunks define,
         whether they write it outside its definitions too (rag.abbreviations.written_apart)."""
@@ -264,8 +292,8 @@ def sentence_vectors(rows: list[str], row_ids: list[str], embed: Callable[[list[
                 vectors[n] = vec
             bar.update(len(block))
     if todo:
-        logger.info("embedded %d new sentences in %.1f s for the sentence side (--sentence-weight 0: none)",
-                    len(todo), time.perf_counter() - t0)
+        logger.info("embedded %d new sentences in %.1f s for the sentence side and the re-ranking (--sentence-weight 0 "
+                    "and --rerank-weight 0: none)", len(todo), time.perf_counter() - t0)
     matrix = np.asarray(vectors, dtype=np.float32).reshape(len(rows), -1)
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     return matrix / np.where(norms > 0, norms, 1.0)
@@ -424,7 +452,9 @@ def rrf(rankings: dict[str, list[str]], weights: dict[str, float]) -> list[tuple
 
 def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mode: str = "hybrid",
                    bm25_weight: float = 1.0, fetch_k: int = 80, abbreviations: bool = True,
-                   year_weight: float = 0.0, sentence_weight: float = 0.0):
+                   year_weight: float = 0.0, sentence_weight: float = 0.0, rerank_weight: float = 0.0,
+                   chunk_scores: Callable[[str, list[tuple[str, list[str], list[float]]], dict[str, str]], list[float]]
+                   | None = None):
     from langchain_core.callbacks import CallbackManagerForRetrieverRun
     from langchain_core.documents import Document
     from langchain_core.retrievers import BaseRetriever
@@ -435,7 +465,9 @@ def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mo
         score (bm25) or the fused RRF score (hybrid); "found_by": the sides that ranked it ("sentences": the
         embedder's cosine of its best sentence, Bm25Index.sentence_search; "year": its document's title names
         the question's year, year_ranking); for hybrid also "dense_score", "sentence_score" and "bm25_score"
-        where that side found it."""
+        where that side found it. With `rerank_weight` (and `chunk_scores`, rag.context's, and stored sentence
+        vectors) the fused top RERANK_TOP are fused once more, with a ranking of them by their best sentence's
+        score ("unit_score"): the score that picks the extractive answer, from the stored vectors."""
 
         model_config = ConfigDict(arbitrary_types_allowed=True)
         store: Any
@@ -448,6 +480,8 @@ def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mo
         abbreviations: bool
         year_weight: float
         sentence_weight: float
+        rerank_weight: float
+        chunk_scores: Any
 
         def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
             dense_query = lexical_query = query
@@ -489,18 +523,35 @@ def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mo
                     years = year_ranking(query, [i for i, _, _ in ranked], titles)
                     if years:
                         ranked = rrf({**rankings, "year": years}, weights)
-            ranked = ranked[: self.k]
+            rerank = (self.mode == "hybrid" and self.rerank_weight > 0 and self.chunk_scores is not None
+                      and self.bm25 is not None and self.bm25.vectors is not None)
+            ranked = ranked[: max(self.k, RERANK_TOP) if rerank else self.k]
             missing = [i for i, _, _ in ranked if i not in dense]
             fetched = {}
             if missing:
                 got = self.store._collection.get(ids=missing, include=["documents", "metadatas"])
                 fetched = {i: Document(page_content=t, id=i, metadata=m or {})
                            for i, t, m in zip(got["ids"], got["documents"], got["metadatas"])}
+            base_of = {i: dense[i][0] if i in dense else fetched[i] for i, _, _ in ranked if i in dense or i in fetched}
+            ranked = [r for r in ranked if r[0] in base_of]
+            unit_scores: dict[str, float] = {}
+            if rerank and ranked:
+                # only the top RERANK_TOP are scored, whatever --k: a longer list starts as a short one does, and
+                # the rest follow them (fused alone, they score below any of them)
+                top = [i for i, _, _ in ranked[:RERANK_TOP]]
+                texts = [base_of[i].page_content for i in top]
+                rows = [[text[a:b] for a, b in split_units(text) or [(0, len(text))]] for text in texts]
+                titles = [base_of[i].metadata.get("title", "") for i in top]
+                unit_scores = dict(zip(top, self.chunk_scores(
+                    query, list(zip(titles, rows, self.bm25.row_cosines(top, query_vector))), self.bm25.abbreviations)))
+                sides_of = {i: sides for i, _, sides in ranked}
+                ranked = [(i, score, sides_of[i]) for i, score, _ in rrf(
+                    {"fused": [i for i, _, _ in ranked], "units": sorted(top, key=lambda i: -unit_scores[i])},
+                    {"fused": 1.0, "units": self.rerank_weight})]
+            ranked = ranked[: self.k]
             out = []
             for doc_id, score, sides in ranked:
-                base = dense[doc_id][0] if doc_id in dense else fetched.get(doc_id)
-                if base is None:
-                    continue
+                base = base_of[doc_id]
                 meta = {**base.metadata, "score": round(score, 6) if self.mode == "hybrid" else score, "found_by": sides}
                 if self.mode == "hybrid":
                     if doc_id in dense:
@@ -509,9 +560,11 @@ def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mo
                         meta["sentence_score"] = sentence_scores[doc_id]
                     if doc_id in bm25_scores:
                         meta["bm25_score"] = round(bm25_scores[doc_id], 4)
+                    if doc_id in unit_scores:
+                        meta["unit_score"] = round(unit_scores[doc_id], 4)
                 out.append(Document(page_content=base.page_content, id=doc_id, metadata=meta))
             return out
 
     return HybridRetriever(store=store, bm25=bm25, k=k, sources=sources, mode=mode, bm25_weight=bm25_weight,
                            fetch_k=max(fetch_k, k), abbreviations=abbreviations, year_weight=year_weight,
-                           sentence_weight=sentence_weight)
+                           sentence_weight=sentence_weight, rerank_weight=rerank_weight, chunk_scores=chunk_scores)

@@ -56,6 +56,7 @@ class BenchRagConfig:
     bm25_weight: float = field(default=rag_default("bm25_weight"), metadata={"help": "As rag.cli --bm25-weight."})
     fetch_k: int = field(default=rag_default("fetch_k"), metadata={"help": "As rag.cli --fetch-k."})
     sentence_weight: float = field(default=rag_default("sentence_weight"), metadata={"help": "As rag.cli --sentence-weight."})
+    rerank_weight: float = field(default=rag_default("rerank_weight"), metadata={"help": "As rag.cli --rerank-weight."})
     year_weight: float = field(default=rag_default("year_weight"), metadata={"help": "As rag.cli --year-weight."})
     abbreviations: bool = field(default=rag_default("abbreviations"), metadata={"help": "As rag.cli --abbreviations."})
     unknown_names: str = field(default=rag_default("unknown_names"), metadata={"help": "As rag.cli --unknown-names."})
@@ -85,7 +86,7 @@ def bench_followups(cfg: BenchRagConfig) -> dict:
              if cfg.split == "all" or it["split"] == cfg.split]
     with tempfile.TemporaryDirectory(prefix="bench_followups-") as tmp:
         run = RagEvalConfig(file=corpus_files("sample"), k=cfg.k, bm25_weight=cfg.bm25_weight, fetch_k=cfg.fetch_k,
-                            sentence_weight=cfg.sentence_weight)
+                            sentence_weight=cfg.sentence_weight, rerank_weight=cfg.rerank_weight)
         answerer = Answerer(run.rag_config(embeddings=cfg.embeddings, persist_dir=Path(tmp), retrieve_only=True), 0.0)
         queries = {"without history": [it["followup"] for it in items],
                    "with history": [retrieval_query(it["followup"], [(it["first"], "")]) for it in items],
@@ -112,7 +113,7 @@ def bench_names(cfg: BenchRagConfig) -> dict:
             result[corpus] = {}
             for label, min_support in (("names", 0.0), ("names+support", cfg.min_support)):
                 run = RagEvalConfig(file=corpus_files(corpus), k=cfg.k, bm25_weight=cfg.bm25_weight, fetch_k=cfg.fetch_k,
-                                    sentence_weight=cfg.sentence_weight,
+                                    sentence_weight=cfg.sentence_weight, rerank_weight=cfg.rerank_weight,
                                     min_support=min_support)
                 # extractive: the checks run as for any answer, and no LLM loads
                 answerer = Answerer(run.rag_config(embeddings=cfg.embeddings, persist_dir=Path(tmp),
@@ -166,7 +167,7 @@ def main(cfg: BenchRagConfig) -> dict:
         base = RagEvalConfig(embeddings=[cfg.embeddings], llm=[cfg.llm], file=corpus_files(corpus), k=cfg.k,
                              max_new_tokens=cfg.max_new_tokens, gen_questions=cfg.gen_questions or len(items),
                              bm25_weight=cfg.bm25_weight, fetch_k=cfg.fetch_k, year_weight=cfg.year_weight,
-                             sentence_weight=cfg.sentence_weight,
+                             sentence_weight=cfg.sentence_weight, rerank_weight=cfg.rerank_weight,
                              context_tokens=cfg.context_tokens, seed=cfg.seed,
                              abbreviations=cfg.abbreviations, unknown_names=cfg.unknown_names,
                              min_support=cfg.min_support)
