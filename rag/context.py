@@ -4,12 +4,13 @@ A 135M model reads 1,000 tokens of passages badly and the right sentence or two 
 (`--context sentences`) each retrieved chunk is cut into units - sentences, and table rows or other
 long runs cut to at most MAX_UNIT_WORDS words, a heading or caption read on over what follows it
 (passage_units), a table row read after its column headings (table_headers) - every unit is scored against
-the question (cosine of the embedder with the question's
-abbreviations spelled out, plus the share of the question's BM25 terms it holds, plus a little for holding
-the kind of answer asked for: a figure, or a name or a definition (asks_for); a sentence that states a
-better table row's figure takes the row's place: score_units), and the best units are kept up to a token
+the question (cosine of the embedder with the question's abbreviations spelled out, plus the share of the
+question's BM25 terms it holds - an abbreviation held by its long form too - plus a little for holding the
+kind of answer asked for: a figure, or a name or a definition (asks_for); a sentence that states a better
+table row's figure takes the row's place: score_units), and the best units are kept up to a token
 budget, in document order within their chunk. A passage in the prompt is then one chunk's kept units;
-`[n]` numbers passages in rank order.
+`[n]` numbers passages in rank order. The retriever re-ranks its top chunks by the same score of their best
+sentence (chunk_scores, from its stored sentence vectors).
 
 After the answer, `evidence` is the unit of those passages that best supports it (the answer's numbers
 and words, then the question; a unit holding a figure and the question's abbreviations spelled out count,
@@ -185,8 +186,9 @@ class Asked:
                    {w for t in texts for w in re.findall(r"\b[a-z]+\b", t)} if kind == "name" else set())
 
     def score(self, cosine: float, terms: list[str], own: str, lexical_weight: float, figure_weight: float) -> float:
-        """cosine + lexical_weight * share of the question's terms among `terms` (an abbreviation's counts when
-        they hold all of its long form's) + figure_weight if `own` holds what the question asks for."""
+        """cosine + lexical_weight * share of the question's terms among `terms` (an abbreviation of the
+        question counts as held when `terms` hold all of its long form's) + figure_weight if `own` holds what the
+        question asks for."""
         held = set(terms) | {short for short, long in self.long_terms.items() if long <= set(terms)}
         score = cosine + lexical_weight * lexical_overlap(self.terms, held)
         if figure_weight and holds_answer_kind(self.kind, own, self.question, self.common):
@@ -210,7 +212,8 @@ def score_units(question: str, units: list[Unit], embed: Callable[[list[str]], l
     prefer_sentences_to_rows(units)
 
 
-def chunk_scores(question: str, chunks: list[tuple[str, list[str], list[float]]], defined: dict[str, str]) -> list[float]:
+def chunk_scores(question: str, chunks: list[tuple[str, list[str], list[float]]],
+                 defined: dict[str, str]) -> list[float]:
     """Each chunk's best sentence score, as the extractive answer scores sentences (score_units, with
     FIGURE_WEIGHT and long forms) but from cosines already known: the retriever's stored sentence vectors
     (rag.retrieve, --rerank-weight). `chunks`: (its document's title, its sentences, their cosines with the

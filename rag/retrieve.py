@@ -7,9 +7,9 @@ index lives beside the store (`PERSIST_DIR/bm25/COLLECTION/`), keyed by the coll
 is rebuilt whenever those ids change (a file added, changed or removed, `--reindex`) and whenever it is
 missing, unreadable or built for other ids, with a note; it is never used stale. The same sentence
 rows are embedded too (`sentence-vectors.npy` in that folder, reused for unchanged chunks), and a third
-side ranks chunks by their best sentence's cosine with the question (--sentence-weight). Last, the fused
-top 8 are fused once more with their ranking by their best sentence's score as the extractive answer
-scores sentences, from those stored vectors (rag.context.chunk_scores, --rerank-weight).
+side ranks chunks by their best sentence's cosine with the question (--sentence-weight). With
+--rerank-weight (off by default) the fused top 8 are fused once more with their ranking by their best
+sentence's score as the extractive answer scores sentences, from those stored vectors (rag.context.chunk_scores).
 
     retriever = make_retriever(store, open_bm25(collection, folder, embed=embeddings.embed_documents), k=4,
                                sources=files, bm25_weight=3.0, sentence_weight=2.0, year_weight=0.5,

@@ -205,24 +205,28 @@ def test_the_year_side_ranks_the_named_years_report_first(tmp_path, minilm):
 def test_long_corpus_top_4_with_the_cli_defaults_and_a_candidate_pool_that_does_not_depend_on_k(tmp_path, minilm):
     """The three annual reports repeat each other's sentences: the answering chunk is often ranked low by
     the chunk-level sides, and its best sentence's vector and a pool of candidates wide enough lift it. The
-    pool is --fetch-k, not a multiple of k, so a benchmark's top 4 of 16 is what --k 4 gives."""
+    pool is --fetch-k, not a multiple of k, and the re-ranking takes the top 8 whatever k, so a benchmark's
+    top 4 of 16 is what --k 4 gives."""
     store, docs, report, bm25, _ = build(tmp_path / "db", corpus_files("long"), minilm, embed=minilm[0].embed_documents)
     sources = sorted({d.metadata["source"] for d in docs})
     defaults = {name: rag_default(name) for name in ("bm25_weight", "fetch_k", "year_weight", "sentence_weight",
                                                      "rerank_weight")}
-    four, sixteen = (make_retriever(store, bm25, k, sources, chunk_scores=chunk_scores, **defaults) for k in (4, 16))
     items = corpus_questions("long", "tune")
+    plain = make_retriever(store, bm25, 4, sources, chunk_scores=chunk_scores, **defaults)
+    recall_plain = recall_at_k([[d.page_content for d in plain.invoke(it["question"])] for it in items], items)
+    # measured 0.958 (0.946 before the glossary rule); 0.922 without the sentence side
+    assert recall_plain >= 0.94, recall_plain
+    # --rerank-weight 1: the fused top 8 re-ranked by their best sentence's score; the top 4 still do not depend on k
+    reranked = defaults | {"rerank_weight": 1.0}
+    four, sixteen = (make_retriever(store, bm25, k, sources, chunk_scores=chunk_scores, **reranked) for k in (4, 16))
     top4 = [four.invoke(it["question"]) for it in items]
     for it, docs4 in zip(items[:40], top4):
         assert [d.id for d in sixteen.invoke(it["question"])[:4]] == [d.id for d in docs4], it["id"]
     recall = recall_at_k([[d.page_content for d in docs4] for docs4 in top4], items)
+    assert recall >= 0.96 and recall > recall_plain, (recall, recall_plain)  # measured 0.976
     # the stored sentence rows line up with the chunks' sentences, which the re-ranking reads by position
     assert all(len(bm25.rows_of[d.id]) == len(split_units(d.page_content)) for docs4 in top4 for d in docs4)
     assert all("unit_score" in d.metadata for docs4 in top4 for d in docs4)
-    fused_only = make_retriever(store, bm25, 4, sources, chunk_scores=chunk_scores, **(defaults | {"rerank_weight": 0.0}))
-    recall_fused = recall_at_k([[d.page_content for d in fused_only.invoke(it["question"])] for it in items], items)
-    # measured 0.976, 0.958 fused alone (0.946 before the glossary rule, 0.922 without the sentence side)
-    assert recall >= 0.96 and recall > recall_fused, (recall, recall_fused)
 
 
 def test_a_chunk_is_scored_by_its_best_sentence_from_known_cosines():
@@ -320,8 +324,8 @@ def test_a_unit_that_spells_an_abbreviation_out_holds_it(minilm, monkeypatch):
     title = {"title": "halvorsen ridge 2025 annual report"}
     passages = [Document(page_content="The net stable funding ratio was 120% at December 31, 2025, compared with 119% "
                                       "a year earlier.", metadata=title),
-                Document(page_content="GLOSSARY\nNet stable funding ratio (NSFR): The ratio of available stable funding "
-                                      "to required stable funding over a one-year horizon.", metadata=title)]
+                Document(page_content="GLOSSARY\nNet stable funding ratio (NSFR): The ratio of available stable "
+                                      "funding to required stable funding over a one-year horizon.", metadata=title)]
     question = "Halvorsen Ridge NSFR, year-end 2025?"
     embed = minilm[0].embed_documents
     assert "120%" in best_unit(question, passages, embed).text
