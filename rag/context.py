@@ -185,11 +185,13 @@ class Asked:
                    abbreviation_terms(question, defined) if defined is not None else {}, kind,
                    {w for t in texts for w in re.findall(r"\b[a-z]+\b", t)} if kind == "name" else set())
 
-    def score(self, cosine: float, terms: list[str], own: str, lexical_weight: float, figure_weight: float) -> float:
+    def score(self, cosine: float, terms: list[str] | set[str], own: str, lexical_weight: float,
+              figure_weight: float) -> float:
         """cosine + lexical_weight * share of the question's terms among `terms` (an abbreviation of the
         question counts as held when `terms` hold all of its long form's) + figure_weight if `own` holds what the
         question asks for."""
-        held = set(terms) | {short for short, long in self.long_terms.items() if long <= set(terms)}
+        terms = set(terms)
+        held = terms | {short for short, long in self.long_terms.items() if long <= terms}
         score = cosine + lexical_weight * lexical_overlap(self.terms, held)
         if figure_weight and holds_answer_kind(self.kind, own, self.question, self.common):
             score += figure_weight

@@ -142,6 +142,15 @@ def ids_digest(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
 
 
+def unit_vector(vector: list[float]):
+    """`vector` as a float32 torch tensor scaled to norm 1 (a zero vector as it is): the stored sentence vectors are
+    unit length, so their products with it are cosines."""
+    import torch
+
+    v = torch.tensor(vector, dtype=torch.float32)
+    return v / (v.norm() or 1.0)
+
+
 @dataclass
 class Bm25Index:
     """A bm25s model over the sentences (rag.retrieve.split_units) of the collection's chunks, each
@@ -169,21 +178,18 @@ class Bm25Index:
     @cached_property
     def rows_of(self) -> dict[str, range]:
         """{chunk id: its rows} (a chunk's rows are consecutive, in the order of split_units)."""
-        first: dict[str, int] = {}
-        count: dict[str, int] = {}
+        rows: dict[str, range] = {}
         for row, chunk_id in enumerate(self.ids):
-            first.setdefault(chunk_id, row)
-            count[chunk_id] = count.get(chunk_id, 0) + 1
-        return {chunk_id: range(first[chunk_id], first[chunk_id] + count[chunk_id]) for chunk_id in first}
+            rows[chunk_id] = range(rows[chunk_id].start if chunk_id in rows else row, row + 1)
+        return rows
 
     def row_cosines(self, chunk_ids: list[str], query_vector: list[float]) -> list[list[float]]:
         """The cosine of each stored sentence vector of each chunk (in row order) with the query."""
         import torch
 
-        q = torch.tensor(query_vector, dtype=torch.float32)
         rows = [self.rows_of.get(i, range(0)) for i in chunk_ids]
         picked = torch.from_numpy(self.vectors[[r for chunk in rows for r in chunk]])
-        cosines = (picked @ (q / (q.norm() or 1.0))).tolist()
+        cosines = (picked @ unit_vector(query_vector)).tolist()
         out, start = [], 0
         for chunk in rows:
             out.append(cosines[start:start + len(chunk)])
@@ -231,10 +237,9 @@ class Bm25Index:
 
         if self.vectors is None or not self.ids:
             return []
-        q = torch.tensor(query_vector, dtype=torch.float32)
         # torch's matmul, not numpy's: OpenBLAS's spinning threads would slow the next torch call (the
         # query's encoding) about 2x on a 2-core machine
-        cosines = (torch.from_numpy(self.vectors) @ (q / (q.norm() or 1.0))).numpy()
+        cosines = (torch.from_numpy(self.vectors) @ unit_vector(query_vector)).numpy()
         if allowed_sources is not None:
             cosines[self.source_mask(allowed_sources) == 0] = -np.inf
         best: dict[str, float] = {}
