@@ -173,6 +173,7 @@ class Answerer:
                                         mode=cfg.retriever, bm25_weight=cfg.bm25_weight, fetch_k=cfg.fetch_k,
                                         year_weight=cfg.year_weight, sentence_weight=cfg.sentence_weight,
                                         rerank_weight=cfg.rerank_weight, chunk_scores=chunk_scores,
+                                        year_copies=cfg.year_copies,
                                         abbreviations=cfg.abbreviations)
         self.files = sorted({Path(d.metadata["source"]).name for d in docs})
         self.timings["index"] = time.perf_counter() - t

@@ -56,6 +56,12 @@ class RagConfig:
         "help": "Weight, in the hybrid fusion, of a third ranking: the candidates from documents whose title (file "
                 "name) names a year the question names, e.g. 'in 2024' and halvorsen_2024_annual_report.txt (0: off; "
                 "0.5: best answer-in-top-4 on the long corpus's tuning half, 0.850 -> 0.904, see README)."})
+    year_copies: Literal["last", "keep"] = field(default="last", metadata={
+        "help": "hybrid, for a question that names a year: last puts after the rest a chunk of another year's report "
+                "that names none of the question's years and repeats (word overlap >= 0.65, figures aside) a chunk "
+                "ranked above it from the named year's report: 'NSFR at December 31, 2023?' is answered by the 2023 "
+                "report, not by the 2024 and 2025 reports' copies of its glossary (long corpus's tuning half, "
+                "answer-in-top-4 0.958 -> 0.976, see README); keep: the fused order."})
     abbreviations: bool = field(default=True, metadata={
         "help": "Search for an abbreviation in the question with its long form too (ROA: return on assets), from the "
                 "documents' own definitions and a list of common finance ones (rag.abbreviations)."})

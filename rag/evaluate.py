@@ -39,6 +39,7 @@ class RagEvalConfig:
     sentence_weight: float = field(default=rag_default("sentence_weight"), metadata={"help": "As rag.cli --sentence-weight."})
     rerank_weight: float = field(default=rag_default("rerank_weight"), metadata={"help": "As rag.cli --rerank-weight."})
     year_weight: float = field(default=rag_default("year_weight"), metadata={"help": "As rag.cli --year-weight."})
+    year_copies: str = field(default=rag_default("year_copies"), metadata={"help": "As rag.cli --year-copies."})
     dtype: str = field(default="auto", metadata={"help": "As rag.cli --dtype."})
     abbreviations: bool = field(default=rag_default("abbreviations"), metadata={"help": "As rag.cli --abbreviations."})
     unknown_names: str = field(default=rag_default("unknown_names"), metadata={"help": "As rag.cli --unknown-names."})
@@ -53,7 +54,7 @@ class RagEvalConfig:
                     "chunk_overlap": self.chunk_overlap, "max_new_tokens": self.max_new_tokens, "seed": self.seed,
                     "retriever": self.retriever, "bm25_weight": self.bm25_weight, "fetch_k": self.fetch_k,
                     "sentence_weight": self.sentence_weight, "rerank_weight": self.rerank_weight,
-                    "year_weight": self.year_weight, "context": self.context,
+                    "year_weight": self.year_weight, "year_copies": self.year_copies, "context": self.context,
                     "context_tokens": self.context_tokens, "answer": self.answer, "dtype": self.dtype,
                     "abbreviations": self.abbreviations, "unknown_names": self.unknown_names,
                     "min_support": self.min_support}

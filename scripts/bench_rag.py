@@ -58,6 +58,7 @@ class BenchRagConfig:
     sentence_weight: float = field(default=rag_default("sentence_weight"), metadata={"help": "As rag.cli --sentence-weight."})
     rerank_weight: float = field(default=rag_default("rerank_weight"), metadata={"help": "As rag.cli --rerank-weight."})
     year_weight: float = field(default=rag_default("year_weight"), metadata={"help": "As rag.cli --year-weight."})
+    year_copies: str = field(default=rag_default("year_copies"), metadata={"help": "As rag.cli --year-copies (last, keep)."})
     abbreviations: bool = field(default=rag_default("abbreviations"), metadata={"help": "As rag.cli --abbreviations."})
     unknown_names: str = field(default=rag_default("unknown_names"), metadata={"help": "As rag.cli --unknown-names."})
     context_tokens: int = field(default=rag_default("context_tokens"), metadata={"help": "As rag.cli --context-tokens."})
@@ -76,6 +77,12 @@ class BenchRagConfig:
                 "that are declined; with the name check alone and with both."})
 
 
+def retrieval_settings(cfg: BenchRagConfig) -> dict:
+    """The hybrid retriever's flags, as every part of the benchmark passes them to RagEvalConfig."""
+    return {"bm25_weight": cfg.bm25_weight, "fetch_k": cfg.fetch_k, "sentence_weight": cfg.sentence_weight,
+            "rerank_weight": cfg.rerank_weight, "year_weight": cfg.year_weight, "year_copies": cfg.year_copies}
+
+
 def bench_followups(cfg: BenchRagConfig) -> dict:
     from rag.chain import retrieval_query
     from rag.cli import Answerer
@@ -85,8 +92,7 @@ def bench_followups(cfg: BenchRagConfig) -> dict:
     items = [it for it in json.loads(sample_path("finance_followups.json").read_text(encoding="utf-8"))
              if cfg.split == "all" or it["split"] == cfg.split]
     with tempfile.TemporaryDirectory(prefix="bench_followups-") as tmp:
-        run = RagEvalConfig(file=corpus_files("sample"), k=cfg.k, bm25_weight=cfg.bm25_weight, fetch_k=cfg.fetch_k,
-                            sentence_weight=cfg.sentence_weight, rerank_weight=cfg.rerank_weight)
+        run = RagEvalConfig(file=corpus_files("sample"), k=cfg.k, **retrieval_settings(cfg))
         answerer = Answerer(run.rag_config(embeddings=cfg.embeddings, persist_dir=Path(tmp), retrieve_only=True), 0.0)
         queries = {"without history": [it["followup"] for it in items],
                    "with history": [retrieval_query(it["followup"], [(it["first"], "")]) for it in items],
@@ -112,9 +118,8 @@ def bench_names(cfg: BenchRagConfig) -> dict:
             others = {other: corpus_questions(other, cfg.split) for other in cfg.corpus if other != corpus}
             result[corpus] = {}
             for label, min_support in (("names", 0.0), ("names+support", cfg.min_support)):
-                run = RagEvalConfig(file=corpus_files(corpus), k=cfg.k, bm25_weight=cfg.bm25_weight, fetch_k=cfg.fetch_k,
-                                    sentence_weight=cfg.sentence_weight, rerank_weight=cfg.rerank_weight,
-                                    min_support=min_support)
+                run = RagEvalConfig(file=corpus_files(corpus), k=cfg.k, min_support=min_support,
+                                    **retrieval_settings(cfg))
                 # extractive: the checks run as for any answer, and no LLM loads
                 answerer = Answerer(run.rag_config(embeddings=cfg.embeddings, persist_dir=Path(tmp),
                                                    answer="extractive"), 0.0)
@@ -166,11 +171,9 @@ def main(cfg: BenchRagConfig) -> dict:
         items = corpus_questions(corpus, cfg.split)
         base = RagEvalConfig(embeddings=[cfg.embeddings], llm=[cfg.llm], file=corpus_files(corpus), k=cfg.k,
                              max_new_tokens=cfg.max_new_tokens, gen_questions=cfg.gen_questions or len(items),
-                             bm25_weight=cfg.bm25_weight, fetch_k=cfg.fetch_k, year_weight=cfg.year_weight,
-                             sentence_weight=cfg.sentence_weight, rerank_weight=cfg.rerank_weight,
                              context_tokens=cfg.context_tokens, seed=cfg.seed,
                              abbreviations=cfg.abbreviations, unknown_names=cfg.unknown_names,
-                             min_support=cfg.min_support)
+                             min_support=cfg.min_support, **retrieval_settings(cfg))
         retrieval, generation = [], []
         with tempfile.TemporaryDirectory(prefix="bench_rag-") as tmp:
             store = Path(tmp) / "db"  # fresh, so the first row measures the index build

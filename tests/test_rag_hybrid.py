@@ -202,6 +202,43 @@ def test_the_year_side_ranks_the_named_years_report_first(tmp_path, minilm):
     assert all("year" not in d.metadata["found_by"] for d in plain)
 
 
+def test_another_years_copy_of_a_passage_goes_after_the_rest():
+    """year_copies_last: a chunk of another year's report that repeats a passage of the asked year's report
+    ranked above it, and names none of the asked years, makes way for the chunks below it."""
+    from rag.retrieve import asked_years, year_copies_last
+
+    glossary = ("Glossary. Net stable funding ratio (NSFR): available stable funding divided by required stable "
+                "funding over a one-year horizon. Tier 1 leverage ratio: tier 1 capital divided by average assets.")
+    titles = {"g23": "acme 2023 annual report", "g24": "acme 2024 annual report", "g25": "acme 2025 annual report",
+              "a23": "acme 2023 annual report", "m24": "acme 2024 annual report", "p": "acme prospectus"}
+    texts = {"g23": glossary, "g24": glossary.replace("one-year", "1-year"), "g25": glossary,
+             "a23": "The net stable funding ratio was 116% at December 31, 2023, compared with 113% a year earlier.",
+             "m24": glossary + " Figures are for the year 2023 unless stated.", "p": glossary}
+    reads = []
+
+    def read(i):
+        reads.append(i)
+        return (titles[i], texts[i]) if i in texts else None
+
+    years = asked_years("What was Acme's NSFR at December 31, 2023?")
+    assert years == {"2023"}
+    ranked = ["g23", "g25", "gone", "m24", "g24", "p", "a23"]
+    # the 2025 and 2024 copies go after the rest; one that names 2023, or a document without a year, stays;
+    # a chunk no longer stored is left out
+    assert year_copies_last(ranked, years, read, 4) == ["g23", "m24", "p", "a23"]
+    assert year_copies_last(ranked, years, read, 10) == ["g23", "m24", "p", "a23", "g25", "g24"]
+    # chunks are read only until k are kept
+    reads.clear()
+    assert year_copies_last(ranked, years, read, 2) == ["g23", "m24"] and "p" not in reads
+    # without a copy of the asked year's report above it, a chunk of another year keeps its place
+    assert year_copies_last(["g25", "g23", "a23"], years, read, 3) == ["g25", "g23", "a23"]
+    # a passage that differs in more than its figures is no copy
+    texts["g25"] = "Glossary. Efficiency ratio: noninterest expense divided by total revenue."
+    assert year_copies_last(ranked, years, read, 3) == ["g23", "g25", "m24"]
+    # the question names no year: nothing to tell copies by (the retriever does not call it then)
+    assert asked_years("What is the NSFR?") == set()
+
+
 def test_long_corpus_top_4_with_the_cli_defaults_and_a_candidate_pool_that_does_not_depend_on_k(tmp_path, minilm):
     """The three annual reports repeat each other's sentences: the answering chunk is often ranked low by
     the chunk-level sides, and its best sentence's vector and a pool of candidates wide enough lift it. The
@@ -210,7 +247,7 @@ def test_long_corpus_top_4_with_the_cli_defaults_and_a_candidate_pool_that_does_
     store, docs, report, bm25, _ = build(tmp_path / "db", corpus_files("long"), minilm, embed=minilm[0].embed_documents)
     sources = sorted({d.metadata["source"] for d in docs})
     defaults = {name: rag_default(name) for name in ("bm25_weight", "fetch_k", "year_weight", "sentence_weight",
-                                                     "rerank_weight")}
+                                                     "rerank_weight", "year_copies")}
     items = corpus_questions("long", "tune")
     plain = make_retriever(store, bm25, 4, sources, chunk_scores=chunk_scores, **defaults)
     recall_plain = recall_at_k([[d.page_content for d in plain.invoke(it["question"])] for it in items], items)
