@@ -10,10 +10,12 @@ rows are embedded too (`sentence-vectors.npy` in that folder, reused for unchang
 side ranks chunks by their best sentence's cosine with the question (--sentence-weight). With
 --rerank-weight (off by default) the fused top 8 are fused once more with their ranking by their best
 sentence's score as the extractive answer scores sentences, from those stored vectors (rag.context.chunk_scores).
+For a question that names a year, a chunk of another year's report that only repeats one of that year's report
+ranked above it goes after the rest (--year-copies, year_copies_last).
 
     retriever = make_retriever(store, open_bm25(collection, folder, embed=embeddings.embed_documents), k=4,
                                sources=files, bm25_weight=3.0, sentence_weight=2.0, year_weight=0.5,
-                               rerank_weight=1.0, chunk_scores=rag.context.chunk_scores)
+                               year_copies="last", rerank_weight=1.0, chunk_scores=rag.context.chunk_scores)
     retriever.invoke("What was the CET1 ratio in 2024?")   # Documents, metadata["score"], ["found_by"]
 """
 
@@ -524,7 +526,8 @@ def make_retriever(store, bm25: Bm25Index | None, k: int, sources: list[str], mo
         the question's year, year_ranking); for hybrid also "dense_score", "sentence_score" and "bm25_score"
         where that side found it. With `rerank_weight` (and `chunk_scores`, rag.context's, and stored sentence
         vectors) the fused top RERANK_TOP are fused once more, with a ranking of them by their best sentence's
-        score ("unit_score"): the score that picks the extractive answer, from the stored vectors."""
+        score ("unit_score"): the score that picks the extractive answer, from the stored vectors. With
+        `year_copies="last"` a question that names a year gets year_copies_last's order."""
 
         model_config = ConfigDict(arbitrary_types_allowed=True)
         store: Any

@@ -251,8 +251,12 @@ def test_long_corpus_top_4_with_the_cli_defaults_and_a_candidate_pool_that_does_
     items = corpus_questions("long", "tune")
     plain = make_retriever(store, bm25, 4, sources, chunk_scores=chunk_scores, **defaults)
     recall_plain = recall_at_k([[d.page_content for d in plain.invoke(it["question"])] for it in items], items)
-    # measured 0.958 (0.946 before the glossary rule); 0.922 without the sentence side
-    assert recall_plain >= 0.94, recall_plain
+    # measured 0.976 (0.958 with --year-copies keep, 0.946 before the glossary rule); 0.922 without the sentence side
+    assert recall_plain >= 0.96, recall_plain
+    # another year's copies of a passage kept in their fused places push answers out of the top 4
+    kept = make_retriever(store, bm25, 4, sources, chunk_scores=chunk_scores, **(defaults | {"year_copies": "keep"}))
+    recall_kept = recall_at_k([[d.page_content for d in kept.invoke(it["question"])] for it in items], items)
+    assert recall_kept < recall_plain, (recall_kept, recall_plain)
     # --rerank-weight 1: the fused top 8 re-ranked by their best sentence's score; the top 4 still do not depend on k
     reranked = defaults | {"rerank_weight": 1.0}
     four, sixteen = (make_retriever(store, bm25, k, sources, chunk_scores=chunk_scores, **reranked) for k in (4, 16))
@@ -260,7 +264,7 @@ def test_long_corpus_top_4_with_the_cli_defaults_and_a_candidate_pool_that_does_
     for it, docs4 in zip(items[:40], top4):
         assert [d.id for d in sixteen.invoke(it["question"])[:4]] == [d.id for d in docs4], it["id"]
     recall = recall_at_k([[d.page_content for d in docs4] for docs4 in top4], items)
-    assert recall >= 0.96 and recall > recall_plain, (recall, recall_plain)  # measured 0.976
+    assert recall >= 0.97 and recall > recall_plain, (recall, recall_plain)  # measured 0.982
     # the stored sentence rows line up with the chunks' sentences, which the re-ranking reads by position
     assert all(len(bm25.rows_of[d.id]) == len(split_units(d.page_content)) for docs4 in top4 for d in docs4)
     assert all("unit_score" in d.metadata for docs4 in top4 for d in docs4)
