@@ -11,6 +11,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from rag.config import RagConfig, rag_default
 from tunerag.models import MINILM, SMOLLM2
@@ -39,7 +40,7 @@ class RagEvalConfig:
     sentence_weight: float = field(default=rag_default("sentence_weight"), metadata={"help": "As rag.cli --sentence-weight."})
     rerank_weight: float = field(default=rag_default("rerank_weight"), metadata={"help": "As rag.cli --rerank-weight."})
     year_weight: float = field(default=rag_default("year_weight"), metadata={"help": "As rag.cli --year-weight."})
-    year_copies: str = field(default=rag_default("year_copies"), metadata={"help": "As rag.cli --year-copies."})
+    year_copies: Literal["last", "keep"] = field(default=rag_default("year_copies"), metadata={"help": "As rag.cli --year-copies."})
     dtype: str = field(default="auto", metadata={"help": "As rag.cli --dtype."})
     abbreviations: bool = field(default=rag_default("abbreviations"), metadata={"help": "As rag.cli --abbreviations."})
     unknown_names: str = field(default=rag_default("unknown_names"), metadata={"help": "As rag.cli --unknown-names."})

@@ -58,7 +58,7 @@ class BenchRagConfig:
     sentence_weight: float = field(default=rag_default("sentence_weight"), metadata={"help": "As rag.cli --sentence-weight."})
     rerank_weight: float = field(default=rag_default("rerank_weight"), metadata={"help": "As rag.cli --rerank-weight."})
     year_weight: float = field(default=rag_default("year_weight"), metadata={"help": "As rag.cli --year-weight."})
-    year_copies: str = field(default=rag_default("year_copies"), metadata={"help": "As rag.cli --year-copies (last, keep)."})
+    year_copies: Literal["last", "keep"] = field(default=rag_default("year_copies"), metadata={"help": "As rag.cli --year-copies."})
     abbreviations: bool = field(default=rag_default("abbreviations"), metadata={"help": "As rag.cli --abbreviations."})
     unknown_names: str = field(default=rag_default("unknown_names"), metadata={"help": "As rag.cli --unknown-names."})
     context_tokens: int = field(default=rag_default("context_tokens"), metadata={"help": "As rag.cli --context-tokens."})
